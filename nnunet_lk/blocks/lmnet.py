@@ -1,0 +1,387 @@
+"""LM-Net's blocks (architectures.md §3.2, read from the official code Asunatan/LM-Net; nnU-Net
+generalisation §5.4): the re-parameterisable inverted block (ReparamConv), the strided-conv
+downsampling, the pyramid pooling + Global Feature Transformer bottleneck, the multi-level skip
+fusion (M2/M3 skips), the Local Feature Transformer (neighbourhood attention) and the additive
+decoder stage.
+
+Everything is dimension-agnostic (``conv_op`` = Conv2d/Conv3d). The official model is 2D; the 3D
+form uses 3D neighbourhood windows, a 5³ + 3³ + three axial-3 re-parameterised depthwise core and
+the plans' per-axis strides, with the kernel anisotropy rule (§5.1) applied to every spatial kernel.
+
+Neighbourhood attention is implemented in pure PyTorch (the official code needs the CUDA-only
+``natten``), with natten's semantics: each query attends to exactly k keys per axis, windows shift
+inwards at the borders (no zero padding), relative-position bias indexed by key - query + k - 1.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from .ops import anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, pointwise_conv, same_padding
+from .reparam import ReparamDepthwise
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
+
+def _config_error(message: str) -> Exception:
+    # imported lazily: nnunet_lk.networks imports this module while registering LM-Net
+    from ..networks.unet import NetworkConfigError
+    return NetworkConfigError(message)
+
+
+def conv_same(conv_op, cin: int, cout: int, kernel=3, plan_kernel: Sequence[int] | None = None) -> nn.Module:
+    """A size-keeping conv with bias (LM-Net's plain 3×3 convs), anisotropy rule applied."""
+    dim = conv_dim(conv_op)
+    k = anisotropic_kernel(kernel, plan_kernel, dim)
+    return conv_op(cin, cout, kernel_size=k, padding=same_padding(k, 1, dim), bias=True)
+
+
+def strided_conv(conv_op, cin: int, cout: int, stride, plan_kernel: Sequence[int] | None = None) -> nn.Module:
+    """LM-Net's downsampling: Conv(3, stride, padding 1, bias), no norm/act. Per axis: kernel 3 where
+    the plans stride, the plan's kernel (3 or 1) elsewhere (§5.1); output = input / stride exactly
+    when the input is divisible by the stride."""
+    dim = conv_dim(conv_op)
+    stride = as_tuple(stride, dim)
+    k = anisotropic_kernel(3, plan_kernel, dim)
+    k = tuple(3 if s > 1 else ki for s, ki in zip(stride, k))
+    return conv_op(cin, cout, kernel_size=k, stride=stride, padding=same_padding(k, 1, dim), bias=True)
+
+
+def upsample_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The official ``Upsample(scale_factor=2, bilinear, align_corners=True)``; with align_corners
+    the sampling grid only depends on the in/out sizes, so asking for the target size is identical
+    and also covers per-axis strides such as (1, 2, 2)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = "bilinear" if x.dim() == 4 else "trilinear"
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=True)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1)
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(-1, 1).contiguous()
+
+
+def reparam_conv_kernels(dim: int, plan_kernel: Sequence[int] | None = None, large: int = 5, small: int = 3) -> list:
+    """Depthwise branch kernels of ReparamConv: large^d, small^d and one axial ``small`` branch per
+    axis. 2D: (5,5), (3,3), (3,1), (1,3) (the official order: large, square, vertical, horizontal)."""
+    kernels = [as_tuple(large, dim), as_tuple(small, dim)]
+    for axis in range(dim):
+        kernels.append(tuple(small if a == axis else 1 for a in range(dim)))
+    return [anisotropic_kernel(k, plan_kernel, dim) for k in kernels]
+
+
+# --------------------------------------------------------------------------------------------------
+# ReparamConv
+# --------------------------------------------------------------------------------------------------
+
+class SqueezeExcitation(nn.Module):
+    """Global average pool -> PW(C -> C/4) -> ReLU -> PW(C/4 -> C) -> Hardsigmoid -> scale.
+    Convs kaiming-normal initialised as in the official SE."""
+
+    def __init__(self, conv_op, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = channels // reduction
+        if hidden < 1:
+            raise _config_error(f"squeeze-excitation on {channels} channels with reduction {reduction} "
+                                f"leaves no hidden channel; use at least {reduction} channels")
+        self.reduce = pointwise_conv(conv_op, channels, hidden)
+        self.expand = pointwise_conv(conv_op, hidden, channels)
+        for conv in (self.reduce, self.expand):
+            nn.init.kaiming_normal_(conv.weight)
+
+    def forward(self, x):
+        s = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+        s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
+        return x * s
+
+
+class ReparamConv(nn.Module):
+    """LM-Net's lightweight multi-branch module, (cin, e, cout):
+    expand PW(bias)+BN+Hardswish -> Σ of depthwise 5×5 / 3×3 / 3×1 / 1×3 (each + BN, re-parameterised
+    into one 5×5 depthwise conv in eval mode by :class:`ReparamDepthwise`) -> GELU -> SE -> PW(bias),
+    plus a PW(bias) projection shortcut of the input (always, even when cin == cout).
+    Params (2D): cin·e + 3e + 48e + e²/2 + 1.25e + e·cout + cout + cin·cout + cout."""
+
+    def __init__(self, conv_op, cin: int, expand: int, cout: int, plan_kernel: Sequence[int] | None = None):
+        super().__init__()
+        dim = conv_dim(conv_op)
+        self.expand = nn.Sequential(pointwise_conv(conv_op, cin, expand), batch_norm_op(conv_op)(expand),
+                                    nn.Hardswish())
+        self.mixer = ReparamDepthwise(conv_op, expand, reparam_conv_kernels(dim, plan_kernel))
+        self.act = nn.GELU()
+        self.se = SqueezeExcitation(conv_op, expand)
+        self.project = pointwise_conv(conv_op, expand, cout)
+        self.shortcut = pointwise_conv(conv_op, cin, cout)
+
+    def forward(self, x):
+        y = self.project(self.se(self.act(self.mixer(self.expand(x)))))
+        return y + self.shortcut(x)
+
+
+def reparam_conv_pair(conv_op, cin: int, width: int, plan_kernel=None) -> nn.Sequential:
+    """The two ReparamConvs of every LM-Net conv level: RC(cin, 2w, w), RC(w, 2w, w)."""
+    return nn.Sequential(ReparamConv(conv_op, cin, 2 * width, width, plan_kernel),
+                         ReparamConv(conv_op, width, 2 * width, width, plan_kernel))
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers
+# --------------------------------------------------------------------------------------------------
+
+class TransformerMlp(nn.Sequential):
+    """Linear(C -> hC) -> GELU -> Dropout 0.1 -> Linear(hC -> C) -> Dropout 0.1 (official Mlp)."""
+
+    def __init__(self, channels: int, hidden: int, dropout: float = 0.1):
+        super().__init__(nn.Linear(channels, hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, channels), nn.Dropout(dropout))
+
+
+def _iter_windows(t: torch.Tensor, indices: Sequence[Sequence[torch.Tensor]], first_axis: int, axis: int = 0):
+    """Yield, for every window offset (last axis fastest, like itertools.product), ``t`` gathered so
+    that position i holds the key that offset picks for query i. Depth-first, so only one gathered
+    copy per axis is alive; the first axes' gathers are shared by all offsets of the later axes."""
+    if axis == len(indices):
+        yield t
+        return
+    for idx in indices[axis]:
+        yield from _iter_windows(t.index_select(first_axis + axis, idx), indices, first_axis, axis + 1)
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
+                           rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Neighbourhood attention core. q (already scaled), k, v: (B, heads, head_dim, *spatial).
+
+    Along an axis of length L with kernel k the window of query i starts at
+    ``clamp(i - k//2, 0, L - k)`` (windows shift inwards at the borders, no padding), so every query
+    sees exactly k keys per axis. ``rpb``: (heads, 2k-1, ...) indexed by key - query + k - 1.
+    [ASSUMED] an axis shorter than its kernel uses the whole axis as window (natten refuses it).
+    Loops over the k^d window offsets so memory is O(k^d · heads · voxels), never O(voxels²).
+    """
+    spatial = q.shape[3:]
+    key_index, rel_index = [], []
+    for length, kk in zip(spatial, kernel):
+        window = min(kk, length)
+        pos = torch.arange(length, device=q.device)
+        start = (pos - kk // 2).clamp(0, length - window)
+        key_index.append([start + j for j in range(window)])
+        rel_index.append([start + j - pos + kk - 1 for j in range(window)])
+    biases = _iter_windows(rpb, rel_index, 1) if rpb is not None else itertools.repeat(None)
+    logits = []
+    for kj, bias in zip(_iter_windows(k, key_index, 3), biases):
+        logit = (q * kj).sum(2)  # (B, heads, *S)
+        logits.append(logit if bias is None else logit + bias)
+    attn = torch.stack(logits, dim=0).softmax(dim=0)
+    out = 0
+    for n, vj in enumerate(_iter_windows(v, key_index, 3)):
+        out = out + attn[n].unsqueeze(2) * vj
+    return out
+
+
+class NeighborhoodAttention(nn.Module):
+    """natten's NeighborhoodAttention{2,3}D on channels-last input (B, *spatial, C): qkv Linear(C -> 3C),
+    scaled q, k^d neighbourhood with relative-position bias (heads × (2k-1)^d, trunc-normal 0.02),
+    softmax, proj Linear(C -> C); no dropout.
+
+    ``checkpoint``: in training, recompute the attention core in backward instead of storing its
+    k^d gathered keys and values and k^d logits and weights per head (only q, k, v are kept)."""
+
+    def __init__(self, dim: int, channels: int, heads: int, kernel=3, rel_pos_bias: bool = True,
+                 checkpoint: bool = True):
+        super().__init__()
+        if channels % heads:
+            raise _config_error(f"neighbourhood attention: {channels} channels cannot be split into {heads} "
+                                f"heads; choose a head count that divides every skip width")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = channels // heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel = as_tuple(kernel, dim)
+        if any(kk < 1 or kk % 2 == 0 for kk in self.kernel):
+            raise _config_error(f"neighbourhood attention needs odd kernels, got {self.kernel}; use na_kernel=3 "
+                                f"(official) or another odd size")
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros((heads,) + tuple(2 * kk - 1 for kk in self.kernel)))
+            nn.init.trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        spatial = x.shape[1:-1]
+        if len(spatial) != self.dim:
+            raise ValueError(f"expected a channels-last {self.dim}D map, got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        qkv = self.qkv(x).reshape(b, *spatial, 3, self.heads, self.head_dim)
+        qkv = qkv.permute(self.dim + 1, 0, self.dim + 2, self.dim + 3, *range(1, self.dim + 1))
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, heads, d, *S)
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            out = activation_checkpoint(neighborhood_attention, q, k, v, self.kernel, self.rpb, use_reentrant=False)
+        else:
+            out = neighborhood_attention(q, k, v, self.kernel, self.rpb)
+        out = out.permute(0, *range(3, self.dim + 3), 1, 2).reshape(b, *spatial, self.heads * self.head_dim)
+        return self.proj(out)
+
+
+class LocalFeatureTransformer(nn.Module):
+    """LFT (official ``NeighborhoodTransformer``), C -> C: embed conv 3 (bias) -> channels-last e;
+    a = e + NA(LN(e)); out = a + MLP(LN(a)) (hidden 2C, dropout 0.1)."""
+
+    def __init__(self, conv_op, channels: int, heads: int = 12, kernel=3, plan_kernel: Sequence[int] | None = None,
+                 rel_pos_bias: bool = True, checkpoint: bool = True):
+        super().__init__()
+        dim = conv_dim(conv_op)
+        self.embed = conv_same(conv_op, channels, channels, 3, plan_kernel)
+        self.norm1 = nn.LayerNorm(channels)
+        self.attention = NeighborhoodAttention(dim, channels, heads, anisotropic_kernel(kernel, plan_kernel, dim),
+                                               rel_pos_bias=rel_pos_bias, checkpoint=checkpoint)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = TransformerMlp(channels, 2 * channels)
+
+    def forward(self, x):
+        e = to_channels_last(self.embed(x))
+        a = e + self.attention(self.norm1(e))
+        return to_channels_first(a + self.mlp(self.norm2(a)))
+
+
+class GlobalSelfAttention(nn.Module):
+    """Multi-head self-attention over all tokens (B, N, C) via ``scaled_dot_product_attention``;
+    qkv Linear(C -> 3C, bias), proj Linear(C -> C); trunc-normal(0.02) weights, zero biases."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise _config_error(f"global attention: {channels} bottleneck channels cannot be split into "
+                                f"{heads} heads; set gft_heads to a divisor of {channels}")
+        self.heads = heads
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        for lin in (self.qkv, self.proj):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class GlobalFeatureTransformer(nn.Module):
+    """GFT on the pyramid-pooled bottleneck: embed conv 3 (C -> C, bias) -> tokens e;
+    x = e + MHSA(LN(e)); x = x + MLP(LN(x)) (hidden 2C, dropout 0.1); back to a map; PW(C -> cout)."""
+
+    def __init__(self, conv_op, channels: int, out_channels: int, heads: int = 12,
+                 plan_kernel: Sequence[int] | None = None):
+        super().__init__()
+        self.embed = conv_same(conv_op, channels, channels, 3, plan_kernel)
+        self.norm1 = nn.LayerNorm(channels)
+        self.attention = GlobalSelfAttention(channels, heads)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = TransformerMlp(channels, 2 * channels)
+        self.out = pointwise_conv(conv_op, channels, out_channels)
+
+    def forward(self, x):
+        e = self.embed(x)
+        spatial = e.shape[2:]
+        tokens = e.flatten(2).transpose(1, 2)
+        a = tokens + self.attention(self.norm1(tokens))
+        a = a + self.mlp(self.norm2(a))
+        return self.out(a.transpose(1, 2).reshape(e.shape[0], e.shape[1], *spatial))
+
+
+class PyramidPoolBottleneck(nn.Module):
+    """PyramidPool (adaptive-average-pool every conv level to the deepest map's size, concat with it:
+    Σ widths channels, no parameters) followed by the GFT. Called with the full encoder feature list."""
+
+    def __init__(self, gft: GlobalFeatureTransformer):
+        super().__init__()
+        self.gft = gft
+
+    @staticmethod
+    def pyramid_pool(features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = features[-1].shape[2:]
+        pool = F.adaptive_avg_pool2d if features[-1].dim() == 4 else F.adaptive_avg_pool3d
+        return torch.cat([pool(f, size) for f in features[:-1]] + [features[-1]], dim=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.gft(self.pyramid_pool(features))
+
+
+# --------------------------------------------------------------------------------------------------
+# skips and decoder
+# --------------------------------------------------------------------------------------------------
+
+class MultiLevelSkipFusion(nn.Module):
+    """M2Skip / M3Skip generalised: fuse the neighbouring levels {i-1, i, i+1} into level i's width and
+    resolution. lower (finer) level: conv 3 with the stride between the levels; same level: conv 3;
+    upper (coarser) level: bilinear/trilinear up (align_corners=True) then conv 3. Concat in that order
+    -> conv 3 (n·C -> C, bias) -> BN -> GELU. Only the fuse conv has norm/act.
+    M3Skip = lower+same+upper, the official "bottom" M2Skip = lower+same, the "top" one = same+upper."""
+
+    def __init__(self, conv_op, channels: int, lower_channels: Optional[int] = None,
+                 upper_channels: Optional[int] = None, lower_stride=None, plan_kernel=None):
+        super().__init__()
+        self.lower = (strided_conv(conv_op, lower_channels, channels, lower_stride, plan_kernel)
+                      if lower_channels is not None else None)
+        self.same = conv_same(conv_op, channels, channels, 3, plan_kernel)
+        self.upper = (conv_same(conv_op, upper_channels, channels, 3, plan_kernel)
+                      if upper_channels is not None else None)
+        n_inputs = 1 + (self.lower is not None) + (self.upper is not None)
+        self.fuse = nn.Sequential(conv_same(conv_op, n_inputs * channels, channels, 3, plan_kernel),
+                                  batch_norm_op(conv_op)(channels), nn.GELU())
+
+    def forward(self, lower: Optional[torch.Tensor], same: torch.Tensor, upper: Optional[torch.Tensor]):
+        parts = []
+        if self.lower is not None:
+            parts.append(self.lower(lower))
+        parts.append(self.same(same))
+        if self.upper is not None:
+            parts.append(self.upper(upsample_like(upper, same.shape[2:])))
+        return self.fuse(torch.cat(parts, dim=1))
+
+
+class LMNetSkipPathway(nn.Module):
+    """Skip for every conv level i: LFT(MultiLevelSkipFusion(x_{i-1}, x_i, x_{i+1})), neighbours
+    limited to the conv levels (the strided-conv-only deepest level is not a skip source)."""
+
+    def __init__(self, fusions: Sequence[MultiLevelSkipFusion], transformers: Sequence[LocalFeatureTransformer]):
+        super().__init__()
+        if len(fusions) != len(transformers):
+            raise ValueError("one local feature transformer per fused skip is required")
+        self.fusions = nn.ModuleList(fusions)
+        self.transformers = nn.ModuleList(transformers)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        n = len(self.fusions)
+        skips = []
+        for i, (fusion, lft) in enumerate(zip(self.fusions, self.transformers)):
+            lower = features[i - 1] if i > 0 else None
+            upper = features[i + 1] if i + 1 < n else None
+            skips.append(lft(fusion(lower, features[i], upper)))
+        return skips
+
+
+class AdditiveUpStage(nn.Module):
+    """Decoder stage: up (interpolate to the skip's size, align_corners=True, then conv 3 cin -> cout,
+    bias, no norm/act) + skip (addition), then RC(cout, 2cout, cout) ×2."""
+
+    def __init__(self, conv_op, cin: int, cout: int, plan_kernel=None):
+        super().__init__()
+        self.up_conv = conv_same(conv_op, cin, cout, 3, plan_kernel)
+        self.blocks = reparam_conv_pair(conv_op, cout, cout, plan_kernel)
+
+    def forward(self, x, skip):
+        return self.blocks(self.up_conv(upsample_like(x, skip.shape[2:])) + skip)

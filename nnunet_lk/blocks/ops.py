@@ -1,0 +1,111 @@
+"""Dimension-agnostic layer factories: every block takes ``conv_op`` (nn.Conv2d or nn.Conv3d) and
+asks this module for the matching pooling, norm and transposed-conv classes."""
+from __future__ import annotations
+
+from typing import Sequence, Type, Union
+
+import torch.nn as nn
+
+IntOrSeq = Union[int, Sequence[int]]
+
+_DIM_OF = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_TRANSPOSE = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_ADAPTIVE_AVG_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+NORM_KINDS = ("batch", "instance")
+
+
+def conv_dim(conv_op: Type[nn.Module]) -> int:
+    """Spatial dimensionality (2 or 3) of a conv class."""
+    dim = _DIM_OF.get(conv_op)
+    if dim not in (2, 3):
+        raise ValueError(f"conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
+    return dim
+
+
+def conv_for_dim(dim: int) -> Type[nn.Module]:
+    if dim not in _CONV:
+        raise ValueError(f"only 2D and 3D networks are supported, got dim={dim}")
+    return _CONV[dim]
+
+
+def conv_transpose_op(conv_op) -> Type[nn.Module]:
+    return _CONV_TRANSPOSE[conv_dim(conv_op)]
+
+
+def max_pool_op(conv_op) -> Type[nn.Module]:
+    return _MAX_POOL[conv_dim(conv_op)]
+
+
+def avg_pool_op(conv_op) -> Type[nn.Module]:
+    return _AVG_POOL[conv_dim(conv_op)]
+
+
+def adaptive_avg_pool_op(conv_op) -> Type[nn.Module]:
+    return _ADAPTIVE_AVG_POOL[conv_dim(conv_op)]
+
+
+def batch_norm_op(conv_op) -> Type[nn.Module]:
+    return _BATCH_NORM[conv_dim(conv_op)]
+
+
+def make_norm(kind: str, conv_op, channels: int) -> nn.Module:
+    """``batch``: the papers' BatchNorm. ``instance``: nnU-Net's InstanceNorm (affine, eps 1e-5),
+    the better fit for the tiny batches of 3D training."""
+    dim = conv_dim(conv_op)
+    if kind == "batch":
+        return _BATCH_NORM[dim](channels)
+    if kind == "instance":
+        return _INSTANCE_NORM[dim](channels, eps=1e-5, affine=True)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")
+
+
+def as_tuple(value: IntOrSeq, dim: int) -> tuple:
+    """Broadcast an int to ``dim`` axes, or check a per-axis sequence has ``dim`` entries."""
+    if isinstance(value, int):
+        return (value,) * dim
+    value = tuple(int(v) for v in value)
+    if len(value) != dim:
+        raise ValueError(f"expected {dim} per-axis values, got {list(value)}")
+    return value
+
+
+def same_padding(kernel: IntOrSeq, dilation: IntOrSeq, dim: int) -> tuple:
+    """Padding that keeps the spatial size for odd kernels at stride 1."""
+    k, d = as_tuple(kernel, dim), as_tuple(dilation, dim)
+    return tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+
+
+def anisotropic_kernel(kernel: IntOrSeq, plan_kernel: Sequence[int] | None, dim: int) -> tuple:
+    """The kernel anisotropy rule: on axes where nnU-Net planned a kernel of 1 (very coarse
+    through-plane spacing) every spatial kernel of that stage becomes 1 as well."""
+    k = as_tuple(kernel, dim)
+    if plan_kernel is None:
+        return k
+    pk = as_tuple(plan_kernel, dim)
+    return tuple(1 if p == 1 else ki for ki, p in zip(k, pk))
+
+
+def anisotropic_dilation(dilation: IntOrSeq, plan_kernel: Sequence[int] | None, dim: int) -> tuple:
+    d = as_tuple(dilation, dim)
+    if plan_kernel is None:
+        return d
+    pk = as_tuple(plan_kernel, dim)
+    return tuple(1 if p == 1 else di for di, p in zip(d, pk))
+
+
+def depthwise_conv(conv_op, channels: int, kernel: IntOrSeq, dilation: IntOrSeq = 1, bias: bool = True,
+                   stride: IntOrSeq = 1) -> nn.Module:
+    dim = conv_dim(conv_op)
+    return conv_op(channels, channels, kernel_size=as_tuple(kernel, dim), stride=as_tuple(stride, dim),
+                   padding=same_padding(kernel, dilation, dim), dilation=as_tuple(dilation, dim),
+                   groups=channels, bias=bias)
+
+
+def pointwise_conv(conv_op, cin: int, cout: int, bias: bool = True) -> nn.Module:
+    return conv_op(cin, cout, kernel_size=1, bias=bias)

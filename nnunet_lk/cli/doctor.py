@@ -1,0 +1,56 @@
+"""``nnunet-lk doctor``: is the plugin installed so that the stock nnU-Net CLIs find every trainer?"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+from .. import env as lk_env
+
+SUPPORTED = ((2, 8), (2, 9))  # nnunetv2 >= 2.8 (first with nnUNet_extTrainer), < 2.9
+
+
+def run_doctor(verbose: bool = False) -> int:
+    problems = []
+
+    def check(ok: bool, what: str, fix: str = ""):
+        print(f"[{'ok' if ok else 'FAIL'}] {what}")
+        if not ok:
+            problems.append(fix)
+            print(f"       fix: {fix}")
+
+    try:
+        from importlib.metadata import version
+        nnunet_version = version("nnunetv2")
+        parts = tuple(int(p) for p in nnunet_version.split(".")[:2])
+        check(SUPPORTED[0] <= parts < SUPPORTED[1], f"nnunetv2 {nnunet_version}",
+              "pip install 'nnunetv2>=2.8.1,<2.9'")
+    except Exception as e:  # not installed
+        check(False, f"nnunetv2 importable ({e})", "pip install 'nnunetv2>=2.8.1,<2.9'")
+        return 1
+
+    folder = lk_env.trainer_folder()
+    entries = [p for p in os.environ.get(lk_env.ENV_VAR, "").split(os.pathsep) if p]
+    check(folder in entries, f"{lk_env.ENV_VAR} contains {folder}",
+          "run `nnunet-lk env --install` once (or `eval \"$(nnunet-lk env)\"` in each shell)")
+    check(lk_env.pth_installed(), "start-up hook installed (no shell set-up needed)",
+          "run `nnunet-lk env --install` once in this environment")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        check(bool(os.environ.get(var)), f"{var} is set", f"export {var}=/path/to/{var} (see nnU-Net's docs)")
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from ..training.trainers import all_trainers
+    for name, cls in sorted(all_trainers().items()):
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                found = recursive_find_trainer_class_by_name(name)
+            ok = found is not None and found.__name__ == name and found.backbone == cls.backbone
+            check(ok, f"nnU-Net finds {name}", "see the lines above; `nnunet-lk env --install`")
+        except Exception as e:
+            check(False, f"nnU-Net finds {name} ({type(e).__name__}: {str(e)[:200]})",
+                  "run `nnunet-lk env --install`, then `nnunet-lk doctor` again")
+        if verbose:
+            print(log.getvalue())
+    print("all good" if not problems else f"{len(problems)} problem(s) found")
+    return 0 if not problems else 1

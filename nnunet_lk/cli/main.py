@@ -1,0 +1,198 @@
+"""``nnunet-lk``: list, summary, env, doctor, plans (and the tools registered by other modules)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .. import env as lk_env
+from ..networks import get_backbone, list_backbones
+from ..networks.unet import NetworkConfigError
+
+
+def _trainers():
+    from ..training.trainers import all_trainers
+    return all_trainers()
+
+
+def cmd_list(args) -> int:
+    trainers = _trainers()
+    by_backbone = {}
+    for name, cls in sorted(trainers.items()):
+        by_backbone.setdefault(cls.backbone, []).append(name)
+    if args.json:
+        print(json.dumps({"backbones": {b: {"dims": list(get_backbone(b).dims),
+                                            "description": get_backbone(b).description,
+                                            "trainers": by_backbone.get(b, [])} for b in list_backbones()},
+                          "trainers": sorted(trainers)}, indent=2))
+        return 0
+    print("Backbones (nnunet-lk summary NAME) and their trainers (nnUNetv2_train ... -tr NAME):")
+    for b in list_backbones():
+        spec = get_backbone(b)
+        print(f"  {b:12s} {'/'.join(f'{d}D' for d in spec.dims):6s} {spec.description}")
+        for t in by_backbone.get(b, []):
+            print(f"      {t}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from ..analysis import summarize_network
+    overrides = dict(_parse_option(o) for o in args.option or [])
+    result = summarize_network(args.name, dim=args.dim, input_channels=args.in_channels, num_classes=args.classes,
+                               patch_size=args.patch, strides=json.loads(args.strides) if args.strides else None,
+                               deep_supervision=args.deep_supervision, **overrides)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['name']} ({result['dim']}D, {result['input_channels']} -> {result['num_classes']}, "
+              f"patch {result['patch_size']}, level strides {result['level_strides']})")
+        print(f"  params:              {result['params']:,}")
+        print(f"  params w/o DS heads: {result['params_without_ds_heads']:,}  (compare with the paper)")
+        print(f"  MACs:                {result['macs'] / 1e9:.3f} G  (torch FlopCounterMode FLOPs / 2)")
+    return 0
+
+
+def cmd_env(args) -> int:
+    if args.install:
+        path = lk_env.install_pth()
+        print(f"# wrote {path}: every Python of this environment now finds the nnunet-lk trainers "
+              f"({lk_env.ENV_VAR} += {lk_env.trainer_folder()})", file=sys.stderr)
+        return 0
+    print(lk_env.shell_lines())
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import run_doctor
+    return run_doctor(verbose=args.verbose)
+
+
+def cmd_plans(args) -> int:
+    from ..plans import derive_plans, list_presets, load_preset
+    if args.list_presets:
+        for name in list_presets():
+            print(f"{name:24s} {load_preset(name).get('description', '')}")
+        return 0
+    if args.dataset is None or args.configuration is None or args.name is None:
+        raise NetworkConfigError("nnunet-lk plans needs -d DATASET -c CONFIGURATION --name NEW_PLANS_NAME")
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.paths import nnUNet_preprocessed
+    if nnUNet_preprocessed is None:
+        raise NetworkConfigError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
+    folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.dataset))
+    source = os.path.join(folder, f"{args.source}.json")
+    target = os.path.join(folder, f"{args.name}.json")
+    if not os.path.isfile(source):
+        raise NetworkConfigError(f"{source} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first "
+                                 f"(or name the source plans with -p)")
+    if os.path.exists(target) and not args.force:
+        raise NetworkConfigError(f"{target} already exists; choose another --name or pass --force to replace it")
+    if args.name == args.source:
+        raise NetworkConfigError("--name must differ from the source plans, which stay untouched")
+    with open(source) as f:
+        plans = json.load(f)
+    options = {}
+    for item in args.option or []:
+        key, value = _parse_option(item)
+        if "." not in key:
+            raise NetworkConfigError(f"--option {item!r}: write BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
+        backbone, option = key.split(".", 1)
+        options.setdefault(backbone, {})[option] = value
+    derived = derive_plans(plans, args.configuration, args.name, patch_size=args.patch, batch_size=args.batch,
+                           backbone_opts=options, preset=load_preset(args.preset) if args.preset else None)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(derived, f, indent=2)
+    os.replace(tmp, target)
+    cfg = derived["configurations"][args.configuration]
+    print(f"wrote {target}\n  {args.configuration}: patch {cfg['patch_size']}, batch {cfg['batch_size']}"
+          + (f", options {cfg['nnunet_lk']}" if "nnunet_lk" in cfg else "")
+          + f"\n  train with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr TRAINER -p {args.name}")
+    return 0
+
+
+def _parse_option(item: str):
+    if "=" not in item:
+        raise NetworkConfigError(f"option {item!r} must look like KEY=VALUE")
+    key, value = item.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-lk", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="backbone names and trainer names")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("summary", help="build a backbone and print params and MACs")
+    p.add_argument("name")
+    p.add_argument("--dim", type=int, choices=(2, 3), required=True)
+    p.add_argument("--in-channels", type=int, required=True)
+    p.add_argument("--classes", type=int, required=True)
+    p.add_argument("--patch", type=int, nargs="+", required=True, help="D H W (3D) or H W (2D)")
+    p.add_argument("--strides", help="plans-style per-stage strides as JSON, e.g. '[[1,1],[2,2],[2,2]]'")
+    p.add_argument("--option", action="append", help="backbone option KEY=VALUE (e.g. width=32)")
+    p.add_argument("--deep-supervision", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("env", help="shell lines that make nnU-Net find our trainers")
+    p.add_argument("--install", action="store_true",
+                   help="instead, install a start-up hook into this Python environment (no shell line needed)")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("doctor", help="check the installation through nnU-Net's own trainer lookup")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("plans", help="derive a plans variant (patch, batch, backbone options) without "
+                                     "re-preprocessing; train it with -p NAME")
+    p.add_argument("-d", "--dataset")
+    p.add_argument("-c", "--configuration")
+    p.add_argument("-p", "--source", default="nnUNetPlans", help="source plans name (default nnUNetPlans)")
+    p.add_argument("--name", help="new plans name (e.g. nnUNetPlans_cpu)")
+    p.add_argument("--patch", type=int, nargs="+")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--preset", help="a preset name from `--list-presets` or a JSON file")
+    p.add_argument("--option", action="append", help="backbone option BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
+    p.add_argument("--force", action="store_true", help="replace an existing derived plans file")
+    p.add_argument("--list-presets", action="store_true")
+    p.set_defaults(func=cmd_plans)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live in their own modules (bench, ablate, export)."""
+    registers = []
+    for module in ("bench", "ablate", "export"):
+        try:
+            mod = __import__(f"nnunet_lk.cli.{module}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name == f"nnunet_lk.cli.{module}":
+                continue
+            raise
+        registers.append(mod.register)
+    return registers
+
+
+def main(argv=None) -> int:
+    lk_env.ensure_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (NetworkConfigError, ValueError) as e:
+        print(f"nnunet-lk {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""DLKUNet (Zhu et al., Int. J. Imaging Syst. Technol. 2025): EBlock encoder levels with MaxPool,
+DFB decoder levels, 1×1 head. S/M/L = 3/4/5 levels at C = 96 (architectures.md §1)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..blocks.dlk import DFBUp, EBlock
+from ..blocks.ops import as_tuple, conv_dim, max_pool_op
+from .registry import register_backbone
+from .unet import LKUNet, UNetDecoder, resolve_level_strides
+
+
+class _DownLevel(nn.Sequential):
+    """MaxPool with kernel = stride = the level's stride, then an EBlock."""
+
+
+def build_dlkunet(conv_op, input_channels: int, num_classes: int, *, strides=None, kernel_sizes=None,
+                  patch_size=None, deep_supervision=False, levels: int, width: int = 96, norm: str = "batch",
+                  pad_input: bool = True) -> LKUNet:
+    """``pad_input=False`` keeps the official behaviour for sizes not divisible by the strides (floor
+    pooling + the DFB's pad-to-skip); the default pads to the total stride inside ``forward`` so
+    deep-supervision outputs line up with nnU-Net's targets for any patch."""
+    dim = conv_dim(conv_op)
+    name = f"dlkunet({levels} levels)"
+    level_strides = resolve_level_strides(name, dim, levels, strides, patch_size)
+    n = len(level_strides)
+    plan_kernels = [as_tuple(k, dim) for k in kernel_sizes[:n]] if kernel_sizes is not None else [None] * n
+    widths = [width * 2 ** i for i in range(n)]
+
+    encoder = [EBlock(conv_op, input_channels, widths[0], norm=norm, plan_kernel=plan_kernels[0])]
+    for i in range(1, n):
+        stride = level_strides[i]
+        encoder.append(_DownLevel(max_pool_op(conv_op)(kernel_size=stride, stride=stride),
+                                  EBlock(conv_op, widths[i - 1], widths[i], norm=norm, plan_kernel=plan_kernels[i])))
+    ups = [DFBUp(conv_op, widths[i + 1], widths[i], level_strides[i + 1], norm=norm, plan_kernel=plan_kernels[i])
+           for i in reversed(range(n - 1))]
+    decoder = UNetDecoder(ups, [widths[i] for i in reversed(range(n - 1))], conv_op, num_classes,
+                          deep_supervision=deep_supervision)
+    return LKUNet(encoder, decoder, level_strides, size_multiple=None if pad_input else (1,) * dim,
+                  backbone="dlkunet")
+
+
+_PAPER = "DLKUNet, Zhu et al., Int. J. Imaging Syst. Technol. 35(1) e70035, 2025"
+register_backbone("dlkunet_s", build_dlkunet, levels=3, width=96, norm="batch", pad_input=True, paper=_PAPER,
+                  description="DLKUNet-S: 3 levels, C=96 (1,131,379 params at 2D 1->9)")
+register_backbone("dlkunet_m", build_dlkunet, levels=4, width=96, norm="batch", pad_input=True, paper=_PAPER,
+                  description="DLKUNet-M: 4 levels, C=96 (4,494,451 params at 2D 1->9)")
+register_backbone("dlkunet_l", build_dlkunet, levels=5, width=96, norm="batch", pad_input=True, paper=_PAPER,
+                  description="DLKUNet-L: 5 levels, C=96 (17,708,659 params at 2D 1->9)")

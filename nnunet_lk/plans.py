@@ -1,0 +1,138 @@
+"""Reading nnU-Net plans for our builders, and deriving plans variants without re-preprocessing.
+
+A derived plans file is a copy of an existing one under a new ``plans_name`` with one configuration
+changed (patch, batch, backbone options). It keeps the configuration's ``data_identifier``, so it
+reuses the preprocessed arrays; nnU-Net trains it with ``-p NAME``. Backbone options live in the
+configuration under ``"nnunet_lk": {"<backbone>": {option: value}}`` and are read by the builders.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .networks import get_backbone
+from .networks.unet import NetworkConfigError
+
+OPTIONS_KEY = "nnunet_lk"
+
+
+def _resolved_configuration(plans: dict, configuration: str) -> dict:
+    configurations = plans.get("configurations") if isinstance(plans, dict) else None
+    if not isinstance(configurations, dict):
+        raise NetworkConfigError("these plans have no 'configurations': not an nnU-Net v2 plans file. Run "
+                                 "nnUNetv2_plan_and_preprocess (nnunetv2 2.8) to create one.")
+    if configuration not in configurations:
+        raise NetworkConfigError(f"configuration {configuration!r} is not in the plans; available: "
+                                 f"{', '.join(configurations)}")
+    resolved, seen = {}, set()
+    name = configuration
+    chain = []
+    while name is not None:  # nnU-Net's inherits_from: parents first, children override
+        if name in seen or name not in configurations:
+            raise NetworkConfigError(f"configuration {configuration!r} inherits from missing or cyclic {name!r}")
+        seen.add(name)
+        chain.append(configurations[name])
+        name = configurations[name].get("inherits_from")
+    for entry in reversed(chain):
+        resolved.update(entry)
+    return resolved
+
+
+def validate_configuration(plans: dict, configuration: str) -> dict:
+    """The resolved configuration, or a clear error if nnU-Net 2.4+ would not have written it."""
+    config = _resolved_configuration(plans, configuration)
+    if "patch_size" not in config:
+        raise NetworkConfigError(f"configuration {configuration!r} has no 'patch_size'; the plans are incomplete. "
+                                 f"Re-run nnUNetv2_plan_and_preprocess.")
+    arch = config.get("architecture")
+    has_new = isinstance(arch, dict) and "strides" in arch.get("arch_kwargs", {})
+    has_legacy = "pool_op_kernel_sizes" in config and "UNet_class_name" in config
+    if not (has_new or has_legacy):
+        raise NetworkConfigError(
+            f"configuration {configuration!r} has neither architecture.arch_kwargs.strides (nnU-Net >= 2.4) nor "
+            f"pool_op_kernel_sizes: these plans come from an unsupported nnU-Net version. Re-run "
+            f"nnUNetv2_plan_and_preprocess with nnunetv2 2.8 to write plans this plugin can read.")
+    return config
+
+
+def configuration_strides(configuration_manager) -> Tuple[List[List[int]], Optional[List[List[int]]]]:
+    """The plans' per-stage strides and conv kernel sizes (nnU-Net's pool_op_kernel_sizes IS strides)."""
+    arch = configuration_manager.network_arch_init_kwargs
+    strides = arch.get("strides")
+    if strides is None:
+        raise NetworkConfigError("the plans' architecture has no 'strides'; re-run nnUNetv2_plan_and_preprocess "
+                                 "with nnunetv2 2.8")
+    return [list(s) for s in strides], [list(k) for k in arch["kernel_sizes"]] if "kernel_sizes" in arch else None
+
+
+def backbone_options(configuration_manager, backbone: str) -> dict:
+    return dict(configuration_manager.configuration.get(OPTIONS_KEY, {}).get(backbone, {}))
+
+
+def list_presets() -> List[str]:
+    return sorted(p.name[:-5] for p in resources.files("nnunet_lk.presets").iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            return json.load(f)
+    path = resources.files("nnunet_lk.presets") / f"{name_or_path}.json"
+    if not path.is_file():
+        raise NetworkConfigError(f"unknown plans preset {name_or_path!r}; known presets: {', '.join(list_presets())} "
+                                 f"(or give a path to a JSON file)")
+    return json.loads(path.read_text())
+
+
+def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size: Optional[Sequence[int]] = None,
+                 batch_size: Optional[int] = None, backbone_opts: Optional[Dict[str, dict]] = None,
+                 preset: Optional[dict] = None) -> dict:
+    """A copy of ``plans`` named ``plans_name`` whose ``configuration`` has the given changes.
+    Explicit arguments win over the preset's values."""
+    config = validate_configuration(plans, configuration)
+    preset = preset or {}
+    patch_size = list(patch_size) if patch_size is not None else preset.get("patch_size")
+    batch_size = batch_size if batch_size is not None else preset.get("batch_size")
+    options = copy.deepcopy(preset.get(OPTIONS_KEY, {}))
+    for backbone, opts in (backbone_opts or {}).items():
+        options.setdefault(backbone, {}).update(opts)
+
+    derived = copy.deepcopy(plans)
+    derived["plans_name"] = plans_name
+    target = derived["configurations"][configuration]
+    if patch_size is not None:
+        current = config["patch_size"]
+        if len(patch_size) != len(current):
+            raise NetworkConfigError(f"--patch needs {len(current)} values for {configuration!r} (now {current}), "
+                                     f"got {list(patch_size)}")
+        strides = config["architecture"]["arch_kwargs"]["strides"] if "architecture" in config \
+            else config["pool_op_kernel_sizes"]
+        total = [int(v) for v in np.prod(np.array(strides), axis=0)]
+        bad = [(a, p, t) for a, (p, t) in enumerate(zip(patch_size, total)) if p % t]
+        if bad:
+            a, p, t = bad[0]
+            raise NetworkConfigError(
+                f"patch size {list(patch_size)}: axis {a} ({p}) is not a multiple of {t}, the total stride of "
+                f"{configuration!r} ({total}); stock nnU-Net and deep supervision need multiples. Try "
+                f"{max(t, p // t * t)} or {(p // t + 1) * t}.")
+        target["patch_size"] = [int(p) for p in patch_size]
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise NetworkConfigError(f"batch size must be >= 1, got {batch_size}")
+        target["batch_size"] = int(batch_size)
+    for backbone, opts in options.items():
+        spec = get_backbone(backbone)  # unknown names raise with the list of known ones
+        unknown = sorted(set(opts) - set(spec.config))
+        if unknown:
+            raise NetworkConfigError(f"{backbone}: unknown option(s) {unknown}; valid options are {sorted(spec.config)}")
+    if options:
+        merged = copy.deepcopy(config.get(OPTIONS_KEY, {}))
+        for backbone, opts in options.items():
+            merged.setdefault(backbone, {}).update(opts)
+        target[OPTIONS_KEY] = merged
+    return derived

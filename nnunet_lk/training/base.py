@@ -1,0 +1,194 @@
+"""The nnU-Net seam, implemented once. Each backbone trainer sets two class attributes.
+
+- ``build_network_architecture``: a pure function of the plans (nnU-Net calls it on the class at
+  inference with deep supervision off, then loads strictly), building the registered backbone with
+  the plans' strides, kernel sizes and patch.
+- deep-supervision scales from the network's real strides, and a loss wrapper that insists on as many
+  outputs as targets.
+- Dice/CE weights from a schedule, set at the start of every epoch from ``current_epoch`` (never at
+  construction: ``--c`` builds the loss before it loads the checkpoint).
+- short budgets through the stock CLI via environment variables (``NNUNET_LK_EPOCHS`` ...), recorded
+  in the checkpoint so that ``--c`` continues the same schedule.
+- checkpoints written to a temporary file and renamed, so a crash never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch._dynamo import OptimizedModule
+
+from ..losses.scheduled import StrictDeepSupervisionWrapper, apply_loss_weights
+from ..losses.schedules import get_schedule, progress
+from ..networks import build_backbone, get_backbone
+from ..networks.unet import NetworkConfigError
+from ..plans import backbone_options, configuration_strides, validate_configuration
+
+# Short-budget knobs read by every nnunet-lk trainer (nnU-Net's own idiom is a class per budget,
+# e.g. nnUNetTrainer_5epochs; one set of variables covers every backbone and loss variant).
+BUDGET_ENV = {
+    "num_epochs": "NNUNET_LK_EPOCHS",
+    "num_iterations_per_epoch": "NNUNET_LK_ITERATIONS",
+    "num_val_iterations_per_epoch": "NNUNET_LK_VAL_ITERATIONS",
+    "save_every": "NNUNET_LK_SAVE_EVERY",
+}
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer; unset it or give a positive integer") from None
+    if parsed < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return parsed
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class nnUNetTrainerLK(nnUNetTrainer):
+    """Base of every nnunet-lk trainer. Subclasses set ``backbone`` (a registry name) and optionally
+    ``loss_schedule`` / ``loss_schedule_params``."""
+
+    backbone: Optional[str] = None
+    loss_schedule: str = "sigmoid"
+    loss_schedule_params: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if self.backbone is None:
+            raise TypeError(f"{type(self).__name__} names no backbone; use one of the nnUNetTrainer<Backbone> "
+                            f"classes (`nnunet-lk list`)")
+        # Fail now, before any data is loaded, if these plans cannot build this backbone.
+        validate_configuration(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        dim = len(self.configuration_manager.patch_size)
+        spec = get_backbone(self.backbone)
+        if dim not in spec.dims:
+            raise NetworkConfigError(
+                f"{type(self).__name__} trains {self.backbone}, a {'/'.join(f'{d}D' for d in spec.dims)} network, "
+                f"but configuration {configuration!r} is {dim}D. Use a "
+                f"{'2d' if 2 in spec.dims else '3d_fullres'} configuration.")
+        self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
+        for attribute, env in BUDGET_ENV.items():
+            value = _env_int(env)
+            if value is not None:
+                setattr(self, attribute, value)
+        self._budget_from_env = {a for a, env in BUDGET_ENV.items() if _env_int(env) is not None}
+
+    # ---- network ---------------------------------------------------------------------------------
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        # A classmethod is called on the class just like nnU-Net's staticmethod (no instance state),
+        # and lets each subclass name its backbone.
+        strides, kernel_sizes = configuration_strides(configuration_manager)
+        dim = len(configuration_manager.patch_size)
+        return build_backbone(cls.backbone, dim=dim, input_channels=num_input_channels,
+                              num_classes=num_output_channels, strides=strides, kernel_sizes=kernel_sizes,
+                              patch_size=configuration_manager.patch_size,
+                              deep_supervision=enable_deep_supervision,
+                              **backbone_options(configuration_manager, cls.backbone))
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        network = unwrap_network(self.network)
+        scales = network.deep_supervision_scales
+        heads = len(network.decoder.seg_layers)
+        if len(scales) != heads:
+            raise RuntimeError(f"{self.backbone}: {heads} deep-supervision heads but {len(scales)} scales")
+        return scales
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.enable_deep_supervision:
+            loss = StrictDeepSupervisionWrapper(loss.loss, loss.weight_factors)
+        return loss
+
+    # ---- loss schedule ---------------------------------------------------------------------------
+    def loss_weights_for_epoch(self, epoch: int):
+        return self._schedule(progress(epoch, self.num_epochs))
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        weights = self.loss_weights_for_epoch(self.current_epoch)
+        apply_loss_weights(self.loss, weights)
+        self.print_to_log_file(f"Loss weights ({self.loss_schedule} schedule, epoch {self.current_epoch} of "
+                               f"{self.num_epochs}): dice {weights.dice:.4f}, ce {weights.ce:.4f}")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _budget(self) -> dict:
+        return {a: int(getattr(self, a)) for a in BUDGET_ENV} | {"loss_schedule": self.loss_schedule,
+                                                                 "backbone": self.backbone}
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        # nnU-Net's checkpoint format, plus our budget so that --c continues the same schedule.
+        checkpoint = {
+            "network_weights": unwrap_network(self.network).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnunet_lk": self._budget(),
+        }
+        # Write beside the target and rename: an interrupted write never replaces a good checkpoint.
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if isinstance(filename_or_checkpoint, str):
+            checkpoint = read_checkpoint(filename_or_checkpoint)
+            saved = checkpoint.get("nnunet_lk", {})
+            for attribute in BUDGET_ENV:
+                if attribute in saved and attribute not in self._budget_from_env:
+                    setattr(self, attribute, saved[attribute])
+                elif attribute in saved and saved[attribute] != getattr(self, attribute):
+                    self.print_to_log_file(f"Note: {BUDGET_ENV[attribute]} sets {attribute}={getattr(self, attribute)}"
+                                           f" but the checkpoint was trained with {saved[attribute]}; the loss "
+                                           f"schedule follows the new value.")
+        super().load_checkpoint(filename_or_checkpoint)
+
+
+def read_checkpoint(filename: str) -> dict:
+    """Load an nnU-Net checkpoint, turning truncated or foreign files into a clear error."""
+    try:
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for truncated/corrupt zip archives
+        raise CheckpointError(
+            f"{filename} cannot be read ({type(e).__name__}: {e}). It is truncated or not a torch file: "
+            f"delete it and resume from another checkpoint (checkpoint_latest/best) or retrain the fold.") from e
+    missing = [k for k in ("network_weights", "init_args", "trainer_name", "current_epoch")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{filename} is not an nnU-Net checkpoint (missing {missing}); give the "
+                              f"checkpoint_final.pth of an nnU-Net training")
+    return checkpoint

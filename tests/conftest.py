@@ -1,0 +1,29 @@
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def hippocampus_plans() -> dict:
+    """nnU-Net 2.8.1's plans for Dataset004_Hippocampus (2d: 56x40, 3d_fullres: 40x56x40, 4 stages)."""
+    return json.loads((FIXTURES / "hippocampus_plans.json").read_text())
+
+
+@pytest.fixture
+def hippocampus_dataset_json() -> dict:
+    return {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+            "numTraining": 208, "file_ending": ".nii.gz"}
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path, monkeypatch):
+    """nnU-Net's three folders in a temporary directory (nnU-Net reads them lazily)."""
+    dirs = {name: tmp_path / name for name in ("raw", "preprocessed", "results")}
+    for name, path in dirs.items():
+        path.mkdir()
+        monkeypatch.setenv(f"nnUNet_{name}", str(path))
+    monkeypatch.setenv("nnUNet_compile", "f")
+    return dirs

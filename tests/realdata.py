@@ -1,0 +1,97 @@
+"""Helpers for the real-data end-to-end tests: subsets of ../shared/data linked (never copied) into a
+temporary nnU-Net tree, and the stock nnU-Net CLIs run as a user would run them."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NNUNET_LK_SHARED_DATA", REPO.parent / "shared" / "data"))
+BIN = Path(sys.executable).parent
+
+
+def make_subset(source_name: str, target_root: Path, n_train: int, n_test: int, seed: int = 0):
+    """Link ``n_train`` cases of a shared raw dataset into ``target_root/raw`` (same dataset name and id)
+    and ``n_test`` other cases into ``target_root/new_cases`` (images) and ``target_root/new_cases_gt``."""
+    source = SHARED_DATA / source_name
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} not found; the real-data tests need ../shared/data beside the repo "
+                                f"(or NNUNET_LK_SHARED_DATA)")
+    meta = json.loads((source / "dataset.json").read_text())
+    ending = meta["file_ending"]
+    cases = sorted(p.name[:-len(ending)] for p in (source / "labelsTr").iterdir() if p.name.endswith(ending))
+    rng = random.Random(seed)
+    rng.shuffle(cases)
+    train, test = sorted(cases[:n_train]), sorted(cases[n_train:n_train + n_test])
+    raw = target_root / "raw" / source_name
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    n_channels = len(meta.get("channel_names", meta.get("modality", {})))
+    for case in train:
+        (raw / "labelsTr" / f"{case}{ending}").symlink_to(source / "labelsTr" / f"{case}{ending}")
+        for c in range(n_channels):
+            name = f"{case}_{c:04d}{ending}"
+            (raw / "imagesTr" / name).symlink_to(source / "imagesTr" / name)
+    (raw / "dataset.json").write_text(json.dumps({**meta, "numTraining": len(train)}, indent=2))
+    images, gt = target_root / "new_cases", target_root / "new_cases_gt"
+    images.mkdir(exist_ok=True)
+    gt.mkdir(exist_ok=True)
+    for case in test:
+        (gt / f"{case}{ending}").symlink_to(source / "labelsTr" / f"{case}{ending}")
+        for c in range(n_channels):
+            name = f"{case}_{c:04d}{ending}"
+            (images / name).symlink_to(source / "imagesTr" / name)
+    return train, test
+
+
+def nnunet_env(root: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_compile": "f",
+        "nnUNet_def_n_proc": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, env, timeout=1800, check=True) -> subprocess.CompletedProcess:
+    """Run a CLI; on failure the assertion message carries the end of its output."""
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout ---\n"
+                             f"{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_env(root: Path, epochs: int, iterations: int, val_iterations: int = 2, **extra) -> dict:
+    # nnUNet_n_proc_DA only for training: exported during planning it crashes nnU-Net's VRAM estimate.
+    return nnunet_env(root, nnUNet_n_proc_DA=1, NNUNET_LK_EPOCHS=epochs, NNUNET_LK_ITERATIONS=iterations,
+                      NNUNET_LK_VAL_ITERATIONS=val_iterations, **extra)
+
+
+def foreground_dice(summary_json: Path) -> float:
+    """Mean Dice over foreground classes from nnUNetv2_evaluate_folder's summary.json."""
+    summary = json.loads(summary_json.read_text())
+    return float(summary["foreground_mean"]["Dice"])
+
+
+LOSS_LINE = re.compile(r"Loss weights \((\w+) schedule, epoch (\d+) of (\d+)\): dice ([0-9.]+), ce ([0-9.]+)")
+
+
+def logged_loss_weights(fold_dir: Path) -> dict:
+    """epoch -> (dice, ce) from every training log in a fold folder (later logs win)."""
+    weights = {}
+    for log in sorted(fold_dir.glob("training_log_*.txt")):
+        for m in LOSS_LINE.finditer(log.read_text()):
+            weights[int(m.group(2))] = (float(m.group(4)), float(m.group(5)), int(m.group(3)))
+    return weights

@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from nnunet_lk.blocks.dlk import DFBUp, EBlock
+from nnunet_lk.networks import NetworkConfigError, build_backbone, count_parameters
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("cin,cout,expected", [(1, 96, 27_466), (96, 192, 110_976), (192, 384, 406_272),
+                                               (384, 768, 1_549_824), (768, 1536, 6_048_768)])
+def test_eblock_checksum(cin, cout, expected):
+    block = EBlock(nn.Conv2d, cin, cout)
+    assert n_params(block) == expected == 10 * cin + cin * cout + 2 * cout ** 2 + 93 * cout
+
+
+@pytest.mark.parametrize("cin,expected", [(768, 1_813_248), (384, 464_256), (192, 121_536)])
+def test_dfb_checksum(cin, expected):
+    assert n_params(DFBUp(nn.Conv2d, cin, cin // 2, (2, 2))) == expected
+
+
+@pytest.mark.parametrize("name,expected", [("dlkunet_s", 1_131_379), ("dlkunet_m", 4_494_451),
+                                           ("dlkunet_l", 17_708_659)])
+def test_official_parameter_counts(name, expected):
+    net = build_backbone(name, dim=2, input_channels=1, num_classes=9)
+    assert count_parameters(net, deep_supervision_heads=False) == expected
+
+
+def test_variants_are_configs_of_one_builder():
+    nets = [build_backbone(n, dim=2, input_channels=1, num_classes=2, width=8) for n in ("dlkunet_s", "dlkunet_m")]
+    assert type(nets[0]) is type(nets[1])
+    assert [len(n.encoder) for n in nets] == [3, 4]
+
+
+def test_width_is_configurable():
+    net = build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=9, width=64)
+    assert round(count_parameters(net, deep_supervision_heads=False) / 1e6, 3) == 2.046  # C=64 ablation (spec)
+
+
+def test_2d_forward_odd_sizes_without_padding():
+    # pad_input=False keeps the official floor pooling + pad-to-skip, which handles odd sizes.
+    net = build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=3, width=8, pad_input=False).eval()
+    for size in [(57, 41), (250, 232), (33, 35)]:
+        with torch.no_grad():
+            assert net(torch.randn(1, 1, *size)).shape == (1, 3, *size)
+
+
+def test_3d_anisotropic_plans_strides_and_deep_supervision():
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    kernels = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+    net = build_backbone("dlkunet_m", dim=3, input_channels=2, num_classes=4, strides=strides,
+                         kernel_sizes=kernels, patch_size=[20, 48, 40], deep_supervision=True, width=8)
+    assert net.level_strides == [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)]  # M: 4 levels of the plans' 5
+    # the anisotropy rule: through-plane kernels of level 0 become 1
+    assert net.encoder[0].attention.dilated.kernel_size == (1, 7, 7)
+    assert net.encoder[0].attention.dilated.dilation == (1, 3, 3)
+    assert net.encoder[1][0].kernel_size == (1, 2, 2)  # pool kernel = stride
+    outs = net(torch.randn(2, 2, 20, 48, 40))
+    assert [tuple(o.shape) for o in outs] == [(2, 4, 20, 48, 40), (2, 4, 20, 24, 20), (2, 4, 10, 12, 10)]
+    assert net.deep_supervision_scales == [[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25]]
+
+
+def test_deep_supervision_outputs_match_nnunet_target_sizes_for_odd_patch():
+    net = build_backbone("dlkunet_s", dim=2, input_channels=1, num_classes=2, deep_supervision=True, width=8)
+    outs = net(torch.randn(1, 1, 54, 43))
+    # nnU-Net's targets: round(patch * scale), Python rounding
+    assert [tuple(o.shape[2:]) for o in outs] == [(54, 43), (round(54 / 2), round(43 / 2))]
+
+
+def test_depth_never_exceeds_plans():
+    net = build_backbone("dlkunet_l", dim=2, input_channels=1, num_classes=2, width=8,
+                         strides=[[1, 1], [2, 2], [2, 2]], patch_size=[32, 32])
+    assert len(net.encoder) == 3 and len(net.decoder.stages) == 2
+
+
+def test_strict_load_deep_supervision_on_into_off():
+    on = build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=3, deep_supervision=True, width=8)
+    off = build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=3, deep_supervision=False, width=8)
+    assert on.state_dict().keys() == off.state_dict().keys()
+    off.load_state_dict(on.state_dict(), strict=True)
+    on.eval(), off.eval()
+    x = torch.randn(1, 1, 32, 24)
+    with torch.no_grad():
+        assert torch.equal(on(x)[0], off(x))
+
+
+def test_instance_norm_option():
+    net = build_backbone("dlkunet_s", dim=3, input_channels=1, num_classes=2, width=8, norm="instance")
+    assert isinstance(net.encoder[0].norm1, nn.InstanceNorm3d) and net.encoder[0].norm1.affine
+    with pytest.raises(ValueError, match="batch, instance"):
+        build_backbone("dlkunet_s", dim=2, input_channels=1, num_classes=2, norm="group")
+
+
+def test_patch_too_small_names_the_plans_value():
+    with pytest.raises(NetworkConfigError, match="patch_size.*Increase 'patch_size'"):
+        build_backbone("dlkunet_l", dim=2, input_channels=1, num_classes=2, patch_size=[8, 64])
+
+
+def test_unknown_backbone_and_option():
+    with pytest.raises(NetworkConfigError, match="dlkunet_m"):
+        build_backbone("dlkunet_xl", dim=2, input_channels=1, num_classes=2)
+    with pytest.raises(NetworkConfigError, match="valid options"):
+        build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=2, depth=3)
+
+
+def test_bad_first_stride():
+    with pytest.raises(NetworkConfigError, match="strides\\[0\\]"):
+        build_backbone("dlkunet_s", dim=2, input_channels=1, num_classes=2, strides=[[2, 2], [2, 2]])

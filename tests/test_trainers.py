@@ -1,0 +1,161 @@
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_lk.networks import NetworkConfigError
+from nnunet_lk.training import trainers as lk_trainers
+from nnunet_lk.training.base import nnUNetTrainerLK
+from nnunet_lk.training.trainers import all_trainers, nnUNetTrainerDLKUNetM, nnUNetTrainerDLKUNetS_PhaseLoss
+
+
+def test_every_trainer_is_thin_and_named_uniquely():
+    trainers = all_trainers()
+    assert {"nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerDLKUNetL",
+            "nnUNetTrainerDLKUNetL_PhaseLoss", "nnUNetTrainerDLKUNetL_ConstLoss"} <= set(trainers)
+    for name, cls in trainers.items():
+        assert cls.__module__ == lk_trainers.__name__
+        assert cls.loss_schedule in ("sigmoid", "phase", "constant")
+        # nnU-Net fills my_init_kwargs from the base signature: subclasses must not change it
+        assert "__init__" not in vars(cls)
+
+
+def test_builder_signature_is_the_nnunet_27_one():
+    import inspect
+    params = list(inspect.signature(nnUNetTrainerDLKUNetM.build_network_architecture).parameters)
+    assert params == ["plans_manager", "configuration_manager", "num_input_channels", "num_output_channels",
+                      "enable_deep_supervision"]
+
+
+@pytest.mark.parametrize("configuration,expected_outputs", [("2d", 3), ("3d_fullres", 3)])
+def test_static_build_from_plans_strict_load(hippocampus_plans, configuration, expected_outputs):
+    pm = PlansManager(hippocampus_plans)
+    cm = pm.get_configuration(configuration)
+    hippocampus_plans["configurations"][configuration]["nnunet_lk"] = {"dlkunet_m": {"width": 8}}
+    pm = PlansManager(hippocampus_plans)
+    cm = pm.get_configuration(configuration)
+    on = nnUNetTrainerDLKUNetM.build_network_architecture(pm, cm, 1, 3, True)
+    off = nnUNetTrainerDLKUNetM.build_network_architecture(pm, cm, 1, 3, False)
+    off.load_state_dict(on.state_dict(), strict=True)  # what nnUNetv2_predict does
+    assert on.encoder[0].conv1.pointwise.out_channels == 8  # the plans' backbone options reach the builder
+    x = torch.randn(2, 1, *cm.patch_size)
+    outs = on(x)
+    assert len(outs) == expected_outputs == len(on.deep_supervision_scales)
+    # the network's scales equal nnU-Net's own for these plans (same strides)
+    nnunet_scales = list(list(i) for i in 1 / np.cumprod(np.vstack(cm.pool_op_kernel_sizes), axis=0))[:-1]
+    assert np.allclose(on.deep_supervision_scales, nnunet_scales)
+    for o, s in zip(outs, on.deep_supervision_scales):
+        assert list(o.shape[2:]) == [round(p * f) for p, f in zip(cm.patch_size, s)]
+    assert off(x).shape == (2, 3, *cm.patch_size)
+
+
+def _make_trainer(cls, plans, configuration, dataset_json, nnunet_dirs):
+    folder = nnunet_dirs["preprocessed"] / plans["dataset_name"] / plans["configurations"][configuration].get(
+        "data_identifier", "nnUNetPlans_2d")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "case.b2nd").touch()  # nnU-Net infers the dataset class from file endings
+    plans = {**plans, "continue_training": False}  # run_training adds this key
+    return cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_trainer_deep_supervision_scales_follow_network(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs):
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    # DLKUNet-S has 3 levels of the plans' 4 stages: 2 outputs, not nnU-Net's default 3
+    assert trainer._get_deep_supervision_scales() == [[1.0, 1.0], [0.5, 0.5]]
+    assert len(trainer.loss.weight_factors) == 2
+    with pytest.raises(RuntimeError, match="2 outputs but there are 3 targets"):
+        trainer.loss([torch.zeros(1, 3, 4, 4)] * 2, [torch.zeros(1, 1, 4, 4)] * 3)
+
+
+def test_loss_weights_set_at_epoch_start(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch):
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "10")
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(nnUNetTrainerDLKUNetS_PhaseLoss, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    assert trainer.num_epochs == 10
+    trainer.initialize()
+    for epoch, expected in [(0, (0.6, 0.4)), (4, (0.6, 0.4)), (5, (0.7, 0.3)), (9, (0.7, 0.3))]:
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert (trainer.loss.loss.weight_dice, trainer.loss.loss.weight_ce) == expected
+    log = open(trainer.log_file).read()
+    assert "Loss weights (phase schedule, epoch 5 of 10): dice 0.7000, ce 0.3000" in log
+
+
+def test_checkpoint_records_budget_and_resume_restores_it(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
+                                                          monkeypatch, tmp_path):
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "7")
+    monkeypatch.setenv("NNUNET_LK_ITERATIONS", "3")
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    trainer.current_epoch = 4
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    assert not os.path.exists(path + ".tmp")
+    saved = torch.load(path, weights_only=False)
+    assert saved["nnunet_lk"]["num_epochs"] == 7 and saved["current_epoch"] == 5
+    assert saved["trainer_name"] == "nnUNetTrainerDLKUNetS"
+
+    monkeypatch.delenv("NNUNET_LK_EPOCHS")
+    monkeypatch.delenv("NNUNET_LK_ITERATIONS")
+    resumed = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    assert resumed.num_epochs == 1000  # nnU-Net's default until the checkpoint is read
+    resumed.load_checkpoint(path)
+    assert (resumed.num_epochs, resumed.num_iterations_per_epoch, resumed.current_epoch) == (7, 3, 5)
+    assert resumed.loss_weights_for_epoch(5) == trainer.loss_weights_for_epoch(5)
+
+
+def test_unreadable_checkpoint_is_a_clear_error(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, tmp_path):
+    from nnunet_lk.training.base import CheckpointError, read_checkpoint
+    bad = tmp_path / "checkpoint_final.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="truncated or not a torch file"):
+        read_checkpoint(str(bad))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not an nnU-Net checkpoint"):
+        read_checkpoint(str(foreign))
+
+
+def test_bad_budget_variable(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch):
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "five")
+    with pytest.raises(ValueError, match="NNUNET_LK_EPOCHS='five' is not an integer"):
+        _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                      nnunet_dirs)
+
+
+def test_unsupported_plans_version_fails_before_training(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs):
+    del hippocampus_plans["configurations"]["2d"]["architecture"]
+    with pytest.raises(NetworkConfigError, match="unsupported nnU-Net version"):
+        _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                      nnunet_dirs)
+
+
+def test_discovery_through_nnunet_lookup_in_a_fresh_process():
+    # The stock CLIs resolve -tr NAME with this function; the .pth hook (nnunet-lk env --install) or
+    # `eval "$(nnunet-lk env)"` puts our folder on nnUNet_extTrainer.
+    code = (
+        "import pickle, sys\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        "for name in sys.argv[1:]:\n"
+        "    cls = find(name)\n"
+        "    assert cls.__name__ == name and cls.__module__ == 'nnunet_lk.training.trainers', cls.__module__\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls\n"
+        "print('FOUND', len(sys.argv) - 1)\n")
+    from nnunet_lk.env import with_trainer_folder
+    env = dict(os.environ, nnUNet_extTrainer=with_trainer_folder(""))
+    names = ["nnUNetTrainerDLKUNetL", "nnUNetTrainerDLKUNetM_PhaseLoss", "nnUNetTrainerDLKUNetS_ConstLoss"]
+    proc = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FOUND 3" in proc.stdout

@@ -1,0 +1,1 @@
+"""The folder nnUNet_extTrainer points at (installed as nnunet_lk_ext)."""

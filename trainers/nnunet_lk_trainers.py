@@ -1,0 +1,6 @@
+"""Scanned by nnU-Net's trainer lookup (nnUNet_extTrainer points at this folder).
+
+Only re-exports: the classes live in the installed package, so they survive nnU-Net's cleanup of
+scanned modules and can be pickled."""
+from nnunet_lk.training.trainers import *  # noqa: F401,F403
+from nnunet_lk.training.trainers import __all__  # noqa: F401
