@@ -1,12 +1,13 @@
 """Fused vs unfused CPU inference time per patch for a backbone with re-parameterisable blocks
 (architectures.md §4.6 Fig. 3; MS-LKSeg's LD, LM-Net's ReparamConv). A benchmark script, not a test.
 
-Both paths run the same eval-mode network on the same input in one process, interleaved repeat by
+Both paths run the same eval-mode network (batch 1) on the same input in one process, interleaved repeat by
 repeat so that load on a shared machine hits both alike:
 - fused: what ``.eval()`` gives (each ``ReparamDepthwise`` runs one folded depthwise conv);
 - unfused: every ``ReparamDepthwise`` runs its parallel conv+BN branches (BN with running stats),
   which is the training-form computation in inference mode (``unfused_reparam`` below).
-The outputs of both paths are compared as a sanity check.
+The outputs of both paths are compared as a sanity check. Besides the whole network, the
+re-parameterisable modules are timed alone on the inputs they saw (their share of the network).
 
     python benchmarks/reparam_speed.py                      # mslkseg, Hippocampus-like + Kvasir-like
     python benchmarks/reparam_speed.py --backbone lmnet --kvasir-patch 256 256 --repeats 5
@@ -70,6 +71,24 @@ def time_once(net, x) -> float:
     return time.perf_counter() - start
 
 
+def capture_reparam_inputs(net, x, modules):
+    """The input each re-parameterisable module sees in one forward (to time those modules alone)."""
+    inputs, handles = {}, []
+    for m in modules:
+        handles.append(m.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0])))
+    net(x)
+    for h in handles:
+        h.remove()
+    return [(m, inputs[m]) for m in modules]
+
+
+def time_modules(pairs) -> float:
+    start = time.perf_counter()
+    for module, inp in pairs:
+        module(inp)
+    return time.perf_counter() - start
+
+
 def benchmark_patch(backbone, name, patch, input_channels, num_classes, strides, overrides, warmup, repeats):
     torch.manual_seed(0)
     net = build_backbone(backbone, dim=len(patch), input_channels=input_channels, num_classes=num_classes,
@@ -85,20 +104,22 @@ def benchmark_patch(backbone, name, patch, input_channels, num_classes, strides,
             net(torch.randn(2, input_channels, *patch))
     net.eval()
     x = torch.randn(1, input_channels, *patch)
-    fused_times, unfused_times = [], []
+    fused_times, unfused_times, fused_block_times, unfused_block_times = [], [], [], []
     with torch.inference_mode():
         fused_out = net(x)
         with unfused_reparam(net):
             unfused_out = net(x)
-        for _ in range(warmup):
-            time_once(net, x)
+        pairs = capture_reparam_inputs(net, x, reparams)
+        for i in range(warmup + repeats):
+            f, fb = time_once(net, x), time_modules(pairs)
             with unfused_reparam(net):
-                time_once(net, x)
-        for _ in range(repeats):
-            fused_times.append(time_once(net, x))
-            with unfused_reparam(net):
-                unfused_times.append(time_once(net, x))
+                u, ub = time_once(net, x), time_modules(pairs)
+            if i >= warmup:
+                fused_times.append(f), unfused_times.append(u)
+                fused_block_times.append(fb), unfused_block_times.append(ub)
     fused_ms, unfused_ms = 1e3 * statistics.median(fused_times), 1e3 * statistics.median(unfused_times)
+    fused_block_ms = 1e3 * statistics.median(fused_block_times)
+    unfused_block_ms = 1e3 * statistics.median(unfused_block_times)
     return {
         "name": name, "patch": list(patch), "batch": 1, "input_channels": input_channels,
         "num_classes": num_classes, "levels": len(net.level_strides) if hasattr(net, "level_strides") else None,
@@ -106,6 +127,9 @@ def benchmark_patch(backbone, name, patch, input_channels, num_classes, strides,
         "reparam_kernels": [[list(k) for k in m.kernels] for m in reparams],
         "fused_ms_median": round(fused_ms, 2), "unfused_ms_median": round(unfused_ms, 2),
         "speedup": round(unfused_ms / fused_ms, 3),
+        "reparam_modules_only": {"fused_ms_median": round(fused_block_ms, 2),
+                                 "unfused_ms_median": round(unfused_block_ms, 2),
+                                 "speedup": round(unfused_block_ms / fused_block_ms, 3)},
         "fused_ms_all": [round(1e3 * t, 2) for t in fused_times],
         "unfused_ms_all": [round(1e3 * t, 2) for t in unfused_times],
         "max_abs_diff_fused_vs_unfused": float((fused_out - unfused_out).abs().max()),
@@ -147,12 +171,17 @@ def main(argv=None):
     results = []
     print(f"{args.backbone}: CPU inference per patch (batch 1, {torch.get_num_threads()} thread(s), "
           f"median of {args.repeats} after {args.warmup} warm-up)")
-    print(f"{'case':<18}{'patch':>12}{'unfused ms':>13}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}")
+    print(f"{'':30}{'whole network':^33}{'re-param modules only':^33}")
+    print(f"{'case':<18}{'patch':>12}{'unfused ms':>13}{'fused ms':>11}{'speedup':>9}"
+          f"{'unfused ms':>13}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}")
     for name, patch, cin, classes, strides in cases:
         r = benchmark_patch(args.backbone, name, patch, cin, classes, strides, overrides, args.warmup, args.repeats)
         results.append(r)
+        b = r["reparam_modules_only"]
         print(f"{name:<18}{'x'.join(map(str, patch)):>12}{r['unfused_ms_median']:>13.1f}"
-              f"{r['fused_ms_median']:>11.1f}{r['speedup']:>8.2f}x{r['max_abs_diff_fused_vs_unfused']:>12.1e}",
+              f"{r['fused_ms_median']:>11.1f}{r['speedup']:>8.2f}x"
+              f"{b['unfused_ms_median']:>13.1f}{b['fused_ms_median']:>11.1f}{b['speedup']:>8.2f}x"
+              f"{r['max_abs_diff_fused_vs_unfused']:>12.1e}",
               flush=True)
     record = {"backbone": args.backbone, "config_overrides": overrides, "device": "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

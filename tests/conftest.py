@@ -27,3 +27,14 @@ def nnunet_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(f"nnUNet_{name}", str(path))
     monkeypatch.setenv("nnUNet_compile", "f")
     return dirs
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Unit tests run tiny networks: one thread avoids oversubscribing a shared 2-core machine (the
+    end-to-end tests run nnU-Net in subprocesses with its own thread settings)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

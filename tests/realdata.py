@@ -31,11 +31,13 @@ def make_subset(source_name: str, target_root: Path, n_train: int, n_test: int, 
     raw = target_root / "raw" / source_name
     for sub in ("imagesTr", "labelsTr"):
         (raw / sub).mkdir(parents=True, exist_ok=True)
-    n_channels = len(meta.get("channel_names", meta.get("modality", {})))
+
+    def channel_files(case):  # natural images keep all RGB channels in one _0000 file
+        return sorted(p.name for p in (source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))
+
     for case in train:
         (raw / "labelsTr" / f"{case}{ending}").symlink_to(source / "labelsTr" / f"{case}{ending}")
-        for c in range(n_channels):
-            name = f"{case}_{c:04d}{ending}"
+        for name in channel_files(case):
             (raw / "imagesTr" / name).symlink_to(source / "imagesTr" / name)
     (raw / "dataset.json").write_text(json.dumps({**meta, "numTraining": len(train)}, indent=2))
     images, gt = target_root / "new_cases", target_root / "new_cases_gt"
@@ -43,8 +45,7 @@ def make_subset(source_name: str, target_root: Path, n_train: int, n_test: int, 
     gt.mkdir(exist_ok=True)
     for case in test:
         (gt / f"{case}{ending}").symlink_to(source / "labelsTr" / f"{case}{ending}")
-        for c in range(n_channels):
-            name = f"{case}_{c:04d}{ending}"
+        for name in channel_files(case):
             (images / name).symlink_to(source / "imagesTr" / name)
     return train, test
 

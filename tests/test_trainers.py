@@ -159,3 +159,16 @@ def test_discovery_through_nnunet_lookup_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FOUND 3" in proc.stdout
+
+
+def test_nan_loss_stops_with_epoch_and_iteration(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs):
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    trainer.current_epoch = 3
+    trainer._iteration = 1
+    data = torch.full((2, 1, 56, 40), float("nan"))
+    target = [torch.zeros(2, 1, 56, 40), torch.zeros(2, 1, 28, 20)]
+    with pytest.raises(FloatingPointError, match="epoch 3, iteration 2.*checkpoints already written were kept"):
+        trainer.train_step({"data": data, "target": target})

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from ..errors import NetworkConfigError
 from .ops import anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, pointwise_conv, same_padding
 from .reparam import ReparamDepthwise
 
@@ -29,12 +30,6 @@ from .reparam import ReparamDepthwise
 # --------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------
-
-def _config_error(message: str) -> Exception:
-    # imported lazily: nnunet_lk.networks imports this module while registering LM-Net
-    from ..networks.unet import NetworkConfigError
-    return NetworkConfigError(message)
-
 
 def conv_same(conv_op, cin: int, cout: int, kernel=3, plan_kernel: Sequence[int] | None = None) -> nn.Module:
     """A size-keeping conv with bias (LM-Net's plain 3×3 convs), anisotropy rule applied."""
@@ -93,7 +88,7 @@ class SqueezeExcitation(nn.Module):
         super().__init__()
         hidden = channels // reduction
         if hidden < 1:
-            raise _config_error(f"squeeze-excitation on {channels} channels with reduction {reduction} "
+            raise NetworkConfigError(f"squeeze-excitation on {channels} channels with reduction {reduction} "
                                 f"leaves no hidden channel; use at least {reduction} channels")
         self.reduce = pointwise_conv(conv_op, channels, hidden)
         self.expand = pointwise_conv(conv_op, hidden, channels)
@@ -200,7 +195,7 @@ class NeighborhoodAttention(nn.Module):
                  checkpoint: bool = True):
         super().__init__()
         if channels % heads:
-            raise _config_error(f"neighbourhood attention: {channels} channels cannot be split into {heads} "
+            raise NetworkConfigError(f"neighbourhood attention: {channels} channels cannot be split into {heads} "
                                 f"heads; choose a head count that divides every skip width")
         self.dim = dim
         self.heads = heads
@@ -208,7 +203,7 @@ class NeighborhoodAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.kernel = as_tuple(kernel, dim)
         if any(kk < 1 or kk % 2 == 0 for kk in self.kernel):
-            raise _config_error(f"neighbourhood attention needs odd kernels, got {self.kernel}; use na_kernel=3 "
+            raise NetworkConfigError(f"neighbourhood attention needs odd kernels, got {self.kernel}; use na_kernel=3 "
                                 f"(official) or another odd size")
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
@@ -263,7 +258,7 @@ class GlobalSelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int):
         super().__init__()
         if channels % heads:
-            raise _config_error(f"global attention: {channels} bottleneck channels cannot be split into "
+            raise NetworkConfigError(f"global attention: {channels} bottleneck channels cannot be split into "
                                 f"{heads} heads; set gft_heads to a divisor of {channels}")
         self.heads = heads
         self.qkv = nn.Linear(channels, 3 * channels)

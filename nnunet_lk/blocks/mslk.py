@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import NetworkConfigError
 from .ops import anisotropic_kernel, as_tuple, conv_dim, make_norm, same_padding
 from .reparam import ReparamDepthwise
 
@@ -25,16 +26,9 @@ _CONV_FN = {2: F.conv2d, 3: F.conv3d}
 _AVG_POOL_FN = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-def _config_error(message: str) -> Exception:
-    """The skeleton's ``NetworkConfigError``, imported late: ``nnunet_lk.networks`` imports this
-    module while registering backbones, so a top-level import would be circular."""
-    from ..networks.unet import NetworkConfigError as error_class
-    return error_class(message)
-
-
 def _check_divisible(block: str, what: str, channels: int, divisor: int, option: str):
     if divisor < 1 or channels % divisor:
-        raise _config_error(
+        raise NetworkConfigError(
             f"{block}: {what} needs a channel count divisible by {divisor}, got {channels} channels; "
             f"choose a width that is a multiple of {divisor} or change '{option}'.")
 
@@ -54,9 +48,9 @@ class DynamicConv(nn.Module):
                  reduction: int = 4, min_hidden: int = 4, plan_kernel: Sequence[int] | None = None):
         super().__init__()
         if num_kernels < 1:
-            raise _config_error(f"DyConv: dyconv_kernels must be >= 1, got {num_kernels}")
+            raise NetworkConfigError(f"DyConv: dyconv_kernels must be >= 1, got {num_kernels}")
         if temperature <= 0:
-            raise _config_error(f"DyConv: dyconv_temperature must be > 0, got {temperature}")
+            raise NetworkConfigError(f"DyConv: dyconv_temperature must be > 0, got {temperature}")
         dim = conv_dim(conv_op)
         self.dim = dim
         self.kernel = anisotropic_kernel(kernel, plan_kernel, dim)
@@ -123,7 +117,7 @@ class MultiSemanticSpatialAttention(nn.Module):
         dim = conv_dim(conv_op)
         kernels = tuple(int(k) for k in kernels)
         if not kernels or any(k < 1 or k % 2 == 0 for k in kernels):
-            raise _config_error(f"MIE: mie_kernels must be odd positive sizes, got {list(kernels)}")
+            raise NetworkConfigError(f"MIE: mie_kernels must be odd positive sizes, got {list(kernels)}")
         _check_divisible("MIE", f"{len(kernels)} shared 1D conv groups", channels, len(kernels), "mie_kernels")
         _check_divisible("MIE", f"GroupNorm({gn_groups})", channels, gn_groups, "mie_gn_groups")
         self.dim = dim
@@ -169,7 +163,7 @@ class ProgressiveChannelSelfAttention(nn.Module):
         self.dim = dim
         self.window = as_tuple(window, dim)
         if any(w < 1 for w in self.window):
-            raise _config_error(f"MIDM: midm_window must be >= 1, got {list(self.window)}")
+            raise NetworkConfigError(f"MIDM: midm_window must be >= 1, got {list(self.window)}")
         self.heads = heads
         self.norm = nn.GroupNorm(1, channels)
         self.query = conv_op(channels, channels, 1, groups=channels, bias=False)
@@ -218,11 +212,11 @@ class RepLKBlock(nn.Module):
         super().__init__()
         dim = conv_dim(conv_op)
         if dw_ratio < 1:
-            raise _config_error(f"LD: ld_dw_ratio must be >= 1, got {dw_ratio}")
+            raise NetworkConfigError(f"LD: ld_dw_ratio must be >= 1, got {dw_ratio}")
         large = anisotropic_kernel(large_kernel, plan_kernel, dim)
         small = anisotropic_kernel(small_kernel, plan_kernel, dim)
         if any(v < 1 or v % 2 == 0 for v in large + small) or any(s > l for s, l in zip(small, large)):
-            raise _config_error(
+            raise NetworkConfigError(
                 f"LD: kernels must be odd and the small kernel {list(small)} no larger than the large kernel "
                 f"{list(large)} on any axis (it is zero-padded into it); fix 'ld_kernel'/'ld_kernel_3d'/"
                 f"'ld_small_kernel'.")

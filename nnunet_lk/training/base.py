@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -129,11 +130,24 @@ class nnUNetTrainerLK(nnUNetTrainer):
         return self._schedule(progress(epoch, self.num_epochs))
 
     def on_train_epoch_start(self):
+        self._iteration = 0
         super().on_train_epoch_start()
         weights = self.loss_weights_for_epoch(self.current_epoch)
         apply_loss_weights(self.loss, weights)
         self.print_to_log_file(f"Loss weights ({self.loss_schedule} schedule, epoch {self.current_epoch} of "
                                f"{self.num_epochs}): dice {weights.dice:.4f}, ce {weights.ce:.4f}")
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        self._iteration = getattr(self, "_iteration", 0) + 1
+        if not np.isfinite(result["loss"]).all():
+            # Stop before on_epoch_end can write a checkpoint with broken weights.
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss is {result['loss']} at epoch {self.current_epoch}, "
+                f"iteration {self._iteration}. The checkpoints already written were kept (last complete epoch: "
+                f"checkpoint_latest.pth, best: checkpoint_best.pth). Resume with --c after lowering the learning "
+                f"rate, or disable mixed precision/compile (nnUNet_compile=f) if this backbone is unstable in fp16.")
+        return result
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _budget(self) -> dict:

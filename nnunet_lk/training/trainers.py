@@ -42,6 +42,42 @@ class nnUNetTrainerDLKUNetL_ConstLoss(nnUNetTrainerDLKUNetL):
     loss_schedule = "constant"
 
 
+class nnUNetTrainerLGMSNet(nnUNetTrainerLK):
+    backbone = "lgmsnet"
+
+
+class nnUNetTrainerLGMSNet_PhaseLoss(nnUNetTrainerLGMSNet):
+    loss_schedule = "phase"
+
+
+class nnUNetTrainerLGMSNet_ConstLoss(nnUNetTrainerLGMSNet):
+    loss_schedule = "constant"
+
+
+class nnUNetTrainerMSLKSeg(nnUNetTrainerLK):
+    backbone = "mslkseg"
+
+
+class nnUNetTrainerMSLKSeg_PhaseLoss(nnUNetTrainerMSLKSeg):
+    loss_schedule = "phase"
+
+
+class nnUNetTrainerMSLKSeg_ConstLoss(nnUNetTrainerMSLKSeg):
+    loss_schedule = "constant"
+
+
+class nnUNetTrainerLMNet(nnUNetTrainerLK):
+    backbone = "lmnet"
+
+
+class nnUNetTrainerLMNet_PhaseLoss(nnUNetTrainerLMNet):
+    loss_schedule = "phase"
+
+
+class nnUNetTrainerLMNet_ConstLoss(nnUNetTrainerLMNet):
+    loss_schedule = "constant"
+
+
 def all_trainers() -> dict:
     """Name -> class for every concrete trainer defined here."""
     return {name: obj for name, obj in globals().items()

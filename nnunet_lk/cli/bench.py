@@ -1,0 +1,46 @@
+"""``nnunet-lk bench``: argparse glue for :mod:`nnunet_lk.bench`."""
+from __future__ import annotations
+
+import sys
+
+
+def cmd_bench(args) -> int:
+    from ..bench import load_plans, run_bench, write_outputs
+    plans, dataset_json, name = load_plans(args.dataset, args.plans)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    record = run_bench(plans, dataset_json, args.configuration, trainers=args.trainers, batch=args.batch,
+                       warmup=args.warmup, repeats=args.repeats, device=device, threads=args.threads,
+                       isolate=not args.in_process, dataset=name, plans_name=args.plans, timeout=args.timeout,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = write_outputs(record, args.output)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['json']}\nwrote {paths['markdown']}", file=sys.stderr)
+    return 0 if any(r["status"] == "ok" for r in record["results"]) else 1
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="params, MACs, latency, train-step time and memory of every backbone vs stock nnU-Net, "
+                      "built from one dataset's plans",
+        description="Build stock nnU-Net's network and each trainer's network from the same nnU-Net plans and "
+                    "measure them side by side (each in a fresh process). Writes a JSON file and a markdown table.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (its plans in $nnUNet_preprocessed)")
+    p.add_argument("-c", "--configuration", required=True, help="e.g. 2d, 3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans name (default nnUNetPlans)")
+    p.add_argument("--trainers", nargs="+", help="trainer names (default: one per backbone, plain loss); stock "
+                                                 "nnUNetTrainer is always measured as the baseline")
+    p.add_argument("--batch", type=int, help="training-step batch (default: the plans' batch size)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; median and quartiles reported (default 5)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure all networks in this process (faster start; CPU memory figures then overlap)")
+    p.add_argument("--timeout", type=float, help="seconds allowed per network (default: none)")
+    p.add_argument("-o", "--output", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,64 @@
+import json
+import os
+
+import pytest
+
+from nnunet_lk.cli.main import main
+
+
+def test_list_names_backbones_and_trainers(capsys):
+    assert main(["list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {"dlkunet_s", "dlkunet_m", "dlkunet_l"} <= set(listing["backbones"])
+    assert "nnUNetTrainerDLKUNetL" in listing["backbones"]["dlkunet_l"]["trainers"]
+    assert "nnUNetTrainerDLKUNetM_PhaseLoss" in listing["trainers"]
+
+
+def test_summary_json_contract(capsys):
+    assert main(["summary", "dlkunet_s", "--dim", "2", "--in-channels", "1", "--classes", "9", "--patch", "64", "64",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["name"] == "dlkunet_s"
+    assert result["params_without_ds_heads"] == 1_131_379
+    assert result["params"] > result["params_without_ds_heads"]
+    # MACs scale with the pixel count: 64² is 1/12.25 of the paper's 224²; true MACs at 224² are 10.28 G
+    assert result["macs"] == pytest.approx(10.28e9 * (64 * 64) / (224 * 224), rel=0.01)
+
+
+def test_summary_3d_with_options_and_errors(capsys):
+    assert main(["summary", "dlkunet_m", "--dim", "3", "--in-channels", "1", "--classes", "3", "--patch", "16", "32",
+                 "32", "--strides", "[[1,1,1],[1,2,2],[2,2,2],[2,2,2]]", "--option", "width=8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["level_strides"] == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]] and result["macs"] > 0
+    assert main(["summary", "dlkunet_x", "--dim", "2", "--in-channels", "1", "--classes", "2", "--patch", "8", "8"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    assert main(["summary", "dlkunet_l", "--dim", "2", "--in-channels", "1", "--classes", "2", "--patch", "8", "8"]) == 2
+    assert "Increase 'patch_size'" in capsys.readouterr().err
+
+
+def test_env_prints_the_trainer_folder(capsys, monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", "/some/other/folder")
+    assert main(["env"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith('export nnUNet_extTrainer="/some/other/folder' + os.pathsep)
+    folder = line.split(os.pathsep)[-1].rstrip('"')
+    assert os.path.isfile(os.path.join(folder, "nnunet_lk_trainers.py"))
+
+
+def test_plans_command_writes_variant_and_never_overwrites(hippocampus_plans, nnunet_dirs, capsys):
+    folder = nnunet_dirs["preprocessed"] / "Dataset004_Hippocampus"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(hippocampus_plans))
+    args = ["plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "8", "--patch", "48", "32",
+            "--option", "dlkunet_s.width=24"]
+    assert main(args) == 0
+    derived = json.loads((folder / "nnUNetPlans_cpu.json").read_text())
+    assert derived["configurations"]["2d"]["batch_size"] == 8
+    assert derived["configurations"]["2d"]["nnunet_lk"] == {"dlkunet_s": {"width": 24}}
+    before = (folder / "nnUNetPlans_cpu.json").read_text()
+    assert main(args[:-2] + ["--batch", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (folder / "nnUNetPlans_cpu.json").read_text() == before  # nothing lost
+    assert main(["plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans"]) == 2  # the source is protected
+    assert main(["plans", "-d", "4", "-c", "2d", "--name", "x", "--patch", "50", "40"]) == 2
+    assert not (folder / "x.json").exists()

@@ -1,0 +1,190 @@
+"""Real data, stock CLIs, every backbone: a subset of ../shared/data → nnUNetv2_plan_and_preprocess →
+`nnunet-lk plans` (CPU-sized variant) → nnUNetv2_train with an nnunet-lk trainer on a short budget →
+nnUNetv2_predict on cases not trained on → nnUNetv2_evaluate_folder, with a foreground Dice floor that an
+untrained net cannot pass. The DLKUNet run is also killed mid-epoch and resumed with --c.
+
+Budgets and floors were calibrated on this 2-core CPU (README, "Tests"): an untrained net scores about 0.05
+on Hippocampus; on Kvasir-SEG (17% polyp) predicting everything as polyp scores about 0.29."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_lk.losses.schedules import progress, sigmoid_weights
+from realdata import foreground_dice, logged_loss_weights, make_subset, nnunet_env, run, train_env
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, ITERATIONS = 12, 20
+DICE_FLOOR = 0.5
+
+
+@pytest.fixture(scope="module")
+def hippocampus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hippocampus")
+    make_subset("Dataset004_Hippocampus", root, n_train=60, n_test=10, seed=0)
+    env = nnunet_env(root)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "3d_fullres", "-np", "2", "-npfp", "2"], env)
+    # CPU-sized derived plans (same preprocessed data): batch 32 instead of the planned 81 for 2d
+    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "32",
+         "--option", "dlkunet_m.width=16"], env)
+    # 3d_fullres with the lite_3d preset (InstanceNorm, DLKUNet C=32); the planned batch (2) is kept
+    run(["nnunet-lk", "plans", "-d", "4", "-c", "3d_fullres", "--name", "nnUNetPlans_lite3d", "--preset", "lite_3d"],
+        env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def kvasir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kvasir")
+    make_subset("Dataset201_KvasirSEG", root, n_train=60, n_test=10, seed=0)
+    env = nnunet_env(root)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "201", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    # nnU-Net plans 640x640 at batch 5: far too heavy for a CPU test
+    run(["nnunet-lk", "plans", "-d", "201", "-c", "2d", "--name", "nnUNetPlans_cpu", "--patch", "256", "256",
+         "--batch", "4"], env)
+    return root, env
+
+
+def train_predict_evaluate(root, env, dataset_id, dataset_name, configuration, trainer, epochs, iterations,
+                           plans="nnUNetPlans_cpu") -> float:
+    """Train fold 0 with the stock CLI, predict the held-back cases, return their foreground Dice."""
+    model = root / "results" / dataset_name / f"{trainer}__{plans}__{configuration}"
+    run(["nnUNetv2_train", dataset_id, configuration, "0", "-tr", trainer, "-p", plans, "-device", "cpu"],
+        train_env(root, epochs, iterations))
+    out = root / f"pred_{trainer}_{configuration}"
+    run(["nnUNetv2_predict", "-i", root / "new_cases", "-o", out, "-d", dataset_id, "-c", configuration, "-f", "0",
+         "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"], env)
+    run(["nnUNetv2_evaluate_folder", root / "new_cases_gt", out, "-djfile", model / "dataset.json",
+         "-pfile", model / "plans.json"], env)
+    dice = foreground_dice(out / "summary.json")
+    print(f"{trainer} {dataset_name} {configuration}, {epochs}x{iterations} iterations: foreground Dice {dice:.3f}")
+    return dice
+
+
+def _wait_for_epoch(fold: Path, epoch: int, proc: subprocess.Popen, timeout: float) -> None:
+    pattern = re.compile(rf": Epoch {epoch}\s*$", re.M)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before epoch {epoch}: "
+                                 f"{proc.stdout.read()[-4000:] if proc.stdout else ''}")
+        if any(pattern.search(log.read_text()) for log in fold.glob("training_log_*.txt")):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"epoch {epoch} did not start within {timeout} s")
+
+
+def test_dlkunet_train_kill_resume_predict_evaluate(hippocampus):
+    root, env = hippocampus
+    trainer = "nnUNetTrainerDLKUNetM"
+    model = root / "results" / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans_cpu__2d"
+    fold = model / "fold_0"
+    train_cmd = ["nnUNetv2_train", "4", "2d", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device", "cpu"]
+    tenv = train_env(root, EPOCHS, ITERATIONS, NNUNET_LK_SAVE_EVERY=1)
+
+    # 1) train, and kill the whole process group during epoch `kill_at`
+    kill_at = EPOCHS // 2
+    proc = subprocess.Popen([str(c) for c in train_cmd], env=tenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for_epoch(fold, kill_at, proc, timeout=1500)
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (fold / "checkpoint_latest.pth").is_file()
+    assert not (fold / "checkpoint_final.pth").exists()
+
+    # 2) resume without the budget variables: the checkpoint carries the budget
+    resume_env = {k: v for k, v in tenv.items() if k not in ("NNUNET_LK_EPOCHS", "NNUNET_LK_ITERATIONS")}
+    logs_before = set(fold.glob("training_log_*.txt"))
+    run(train_cmd + ["--c"], resume_env)
+    assert (fold / "checkpoint_final.pth").is_file()
+    resumed_log = (set(fold.glob("training_log_*.txt")) - logs_before).pop().read_text()
+    first_epoch = int(re.search(r": Epoch (\d+)\s*$", resumed_log, re.M).group(1))
+    assert first_epoch == kill_at, "--c must continue from the last complete epoch, not restart"
+
+    # the schedule over both runs is exactly the uninterrupted one
+    weights = logged_loss_weights(fold)
+    assert sorted(weights) == list(range(EPOCHS))
+    for epoch, (dice, ce, total) in weights.items():
+        expected = sigmoid_weights(progress(epoch, EPOCHS))
+        assert total == EPOCHS
+        assert (dice, ce) == pytest.approx((expected.dice, expected.ce), abs=1e-4)
+
+    # 3) predict cases never trained on, with the stock predictor (strict load, deep supervision off)
+    out = root / "pred_dlkunet"
+    run(["nnUNetv2_predict", "-i", root / "new_cases", "-o", out, "-d", "4", "-c", "2d", "-f", "0", "-tr", trainer,
+         "-p", "nnUNetPlans_cpu", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"], env)
+    assert len(list(out.glob("*.nii.gz"))) == len(list((root / "new_cases_gt").glob("*.nii.gz")))
+
+    # 4) evaluate against the held-back labels
+    run(["nnUNetv2_evaluate_folder", root / "new_cases_gt", out, "-djfile", model / "dataset.json",
+         "-pfile", model / "plans.json"], env)
+    dice = foreground_dice(out / "summary.json")
+    print(f"DLKUNet-M (width 16) Hippocampus 2d, {EPOCHS}x{ITERATIONS} iterations: foreground Dice {dice:.3f}")
+    assert dice >= DICE_FLOOR
+
+
+# (trainer, configuration, epochs, iterations, Dice floor): floors calibrated, see README "Tests"
+HIPPOCAMPUS_RUNS = [
+    ("nnUNetTrainerDLKUNetM", "3d_fullres", 6, 10, 0.4),
+    ("nnUNetTrainerLGMSNet", "3d_fullres", 8, 10, 0.4),
+    ("nnUNetTrainerMSLKSeg", "2d", 8, 15, 0.4),
+    ("nnUNetTrainerLMNet", "2d", 8, 15, 0.4),
+]
+KVASIR_RUNS = [
+    ("nnUNetTrainerLGMSNet", 8, 10, 0.35),
+    ("nnUNetTrainerMSLKSeg", 8, 10, 0.35),
+    ("nnUNetTrainerLMNet", 8, 10, 0.35),
+]
+
+
+@pytest.mark.parametrize("trainer,configuration,epochs,iterations,floor", HIPPOCAMPUS_RUNS,
+                         ids=[f"{r[0]}-{r[1]}" for r in HIPPOCAMPUS_RUNS])
+def test_backbone_on_hippocampus(hippocampus, trainer, configuration, epochs, iterations, floor):
+    root, env = hippocampus
+    plans = "nnUNetPlans_cpu" if configuration == "2d" else "nnUNetPlans_lite3d"
+    dice = train_predict_evaluate(root, env, "4", "Dataset004_Hippocampus", configuration, trainer, epochs,
+                                  iterations, plans=plans)
+    assert dice >= floor
+    model = root / "results" / "Dataset004_Hippocampus" / f"{trainer}__{plans}__{configuration}"
+    assert_predictor_uses_fused_kernels(model, root / "new_cases", env)
+
+
+def assert_predictor_uses_fused_kernels(model: Path, cases: Path, env: dict) -> None:
+    """nnUNetv2_predict's own predictor (built statically, strict load, .eval()): every re-parameterisable
+    block must run on its single fused kernel, and the state dict must be the checkpoint's."""
+    code = (
+        "import sys, torch\n"
+        "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+        "from nnunet_lk.blocks.reparam import ReparamDepthwise\n"
+        "p = nnUNetPredictor(device=torch.device('cpu'), use_mirroring=False, verbose=False)\n"
+        "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,), checkpoint_name='checkpoint_final.pth')\n"
+        "blocks = [m for m in p.network.modules() if isinstance(m, ReparamDepthwise)]\n"
+        "import glob, os\n"
+        "case = sorted(glob.glob(os.path.join(sys.argv[2], '*_0000.*')))[0]\n"
+        "p.predict_from_files([[case]], None, save_probabilities=False, num_processes_preprocessing=0,"
+        " num_processes_segmentation_export=0)\n"
+        "ck = torch.load(os.path.join(sys.argv[1], 'fold_0', 'checkpoint_final.pth'), weights_only=False)\n"
+        "assert set(p.network.state_dict()) == set(ck['network_weights'])\n"
+        "print('REPARAM', len(blocks), sum(b.is_fused for b in blocks))\n")
+    proc = run([sys.executable, "-c", code, model, cases], env)
+    n_blocks, n_fused = map(int, re.search(r"REPARAM (\d+) (\d+)", proc.stdout).groups())
+    if "MSLKSeg" in model.name or "LMNet" in model.name:
+        assert n_blocks > 0 and n_fused == n_blocks
+
+
+@pytest.mark.parametrize("trainer,epochs,iterations,floor", KVASIR_RUNS, ids=[r[0] for r in KVASIR_RUNS])
+def test_backbone_on_kvasir(kvasir, trainer, epochs, iterations, floor):
+    root, env = kvasir
+    dice = train_predict_evaluate(root, env, "201", "Dataset201_KvasirSEG", "2d", trainer, epochs, iterations)
+    assert dice >= floor

@@ -1,0 +1,58 @@
+import pytest
+
+from nnunet_lk.networks import NetworkConfigError
+from nnunet_lk.plans import derive_plans, list_presets, load_preset, validate_configuration
+
+
+def test_derive_keeps_data_and_changes_one_configuration(hippocampus_plans):
+    derived = derive_plans(hippocampus_plans, "2d", "nnUNetPlans_cpu", patch_size=[48, 32], batch_size=16,
+                           backbone_opts={"dlkunet_m": {"width": 32}})
+    cfg = derived["configurations"]["2d"]
+    assert derived["plans_name"] == "nnUNetPlans_cpu"
+    assert cfg["patch_size"] == [48, 32] and cfg["batch_size"] == 16
+    assert cfg["data_identifier"] == hippocampus_plans["configurations"]["2d"]["data_identifier"]
+    assert cfg["nnunet_lk"] == {"dlkunet_m": {"width": 32}}
+    assert derived["configurations"]["3d_fullres"] == hippocampus_plans["configurations"]["3d_fullres"]
+    assert hippocampus_plans["configurations"]["2d"]["batch_size"] == 81  # the source is untouched
+
+
+def test_patch_must_fit_the_strides(hippocampus_plans):
+    with pytest.raises(NetworkConfigError, match="axis 0 \\(50\\) is not a multiple of 8.*Try 48 or 56"):
+        derive_plans(hippocampus_plans, "2d", "x", patch_size=[50, 40])
+    with pytest.raises(NetworkConfigError, match="needs 2 values"):
+        derive_plans(hippocampus_plans, "2d", "x", patch_size=[48, 40, 40])
+
+
+def test_unknown_backbone_or_option_in_derived_plans(hippocampus_plans):
+    with pytest.raises(NetworkConfigError, match="unknown backbone 'dlkunet_q'"):
+        derive_plans(hippocampus_plans, "2d", "x", backbone_opts={"dlkunet_q": {"width": 8}})
+    with pytest.raises(NetworkConfigError, match="unknown option"):
+        derive_plans(hippocampus_plans, "2d", "x", backbone_opts={"dlkunet_m": {"wdth": 8}})
+
+
+def test_unknown_configuration_and_old_plans(hippocampus_plans):
+    with pytest.raises(NetworkConfigError, match="available: 2d, 3d_fullres"):
+        validate_configuration(hippocampus_plans, "3d_lowres")
+    del hippocampus_plans["configurations"]["2d"]["architecture"]
+    with pytest.raises(NetworkConfigError, match="unsupported nnU-Net version"):
+        validate_configuration(hippocampus_plans, "2d")
+    with pytest.raises(NetworkConfigError, match="not an nnU-Net v2 plans file"):
+        validate_configuration({"foo": 1}, "2d")
+
+
+def test_inherits_from_is_resolved(hippocampus_plans):
+    hippocampus_plans["configurations"]["2d_small"] = {"inherits_from": "2d", "batch_size": 4}
+    cfg = validate_configuration(hippocampus_plans, "2d_small")
+    assert cfg["batch_size"] == 4 and cfg["patch_size"] == [56, 40]
+
+
+def test_presets_ship_and_apply(hippocampus_plans):
+    names = list_presets()
+    assert names, "plans/ must ship at least one preset"
+    for name in names:
+        preset = load_preset(name)
+        assert preset.get("description")
+    derived = derive_plans(hippocampus_plans, "3d_fullres", "p", preset=load_preset("lite_3d"))
+    assert derived["configurations"]["3d_fullres"]["nnunet_lk"]["dlkunet_m"]["norm"] == "instance"
+    with pytest.raises(NetworkConfigError, match="unknown plans preset"):
+        load_preset("no_such_preset")
