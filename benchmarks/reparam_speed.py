@@ -5,7 +5,7 @@ Both paths run the same eval-mode network (batch 1) on the same input in one pro
 repeat so that load on a shared machine hits both alike:
 - fused: what ``.eval()`` gives (each ``ReparamDepthwise`` runs one folded depthwise conv);
 - unfused: every ``ReparamDepthwise`` runs its parallel conv+BN branches (BN with running stats),
-  which is the training-form computation in inference mode (``unfused_reparam`` below).
+  which is the training-form computation in inference mode (``nnunet_lk.blocks.reparam.unfused``).
 The outputs of both paths are compared as a sanity check. Besides the whole network, the
 re-parameterisable modules are timed alone on the inputs they saw (their share of the network).
 
@@ -23,34 +23,16 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from nnunet_lk.blocks.reparam import ReparamDepthwise
+from nnunet_lk.blocks.reparam import ReparamDepthwise, unfused
 from nnunet_lk.networks import build_backbone
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reparam_speed.json"
 
 
-@contextmanager
-def unfused_reparam(net: torch.nn.Module):
-    """Run every ``ReparamDepthwise`` of an eval-mode ``net`` through its branches.
-
-    ``ReparamDepthwise.forward`` re-fuses lazily in eval mode, so ``.unfuse()`` alone is not enough:
-    each module gets an instance-level ``forward`` summing its (conv, BN) branches, removed again on
-    exit, after which the next forward fuses as usual. No subclass and no change to the shared class.
-    """
-    modules = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
-    for m in modules:
-        m.unfuse()
-        m.forward = lambda x, m=m: sum(branch(x) for branch in m.branches)
-    try:
-        yield modules
-    finally:
-        for m in modules:
-            del m.forward  # back to the class's forward (re-fuses on the next eval call)
 
 
 def nnunet_like_strides(patch, max_stages: int = 7, min_feature: int = 4):
@@ -107,12 +89,12 @@ def benchmark_patch(backbone, name, patch, input_channels, num_classes, strides,
     fused_times, unfused_times, fused_block_times, unfused_block_times = [], [], [], []
     with torch.inference_mode():
         fused_out = net(x)
-        with unfused_reparam(net):
+        with unfused(net):
             unfused_out = net(x)
         pairs = capture_reparam_inputs(net, x, reparams)
         for i in range(warmup + repeats):
             f, fb = time_once(net, x), time_modules(pairs)
-            with unfused_reparam(net):
+            with unfused(net):
                 u, ub = time_once(net, x), time_modules(pairs)
             if i >= warmup:
                 fused_times.append(f), unfused_times.append(u)

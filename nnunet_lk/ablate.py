@@ -167,7 +167,7 @@ def fold_case_metrics(fold: FoldRun, plans: dict, dataset_json: dict, gt_folder:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     file_ending = dataset_json["file_ending"]
     dice = read_validation_summary(fold, file_ending)
-    reader = PlansManager(plans).image_reader_writer_class()()
+    reader = PlansManager(plans).image_reader_writer_class()
     rows = []
     for case, per_class in sorted(dice.items()):
         keys = [k for k in per_class if k not in ("0", "background")]

@@ -62,3 +62,33 @@ def test_plans_command_writes_variant_and_never_overwrites(hippocampus_plans, nn
     assert main(["plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans"]) == 2  # the source is protected
     assert main(["plans", "-d", "4", "-c", "2d", "--name", "x", "--patch", "50", "40"]) == 2
     assert not (folder / "x.json").exists()
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env.update(extra)
+    return env
+
+
+def test_startup_hook_sets_ext_trainer_without_shell_setup():
+    # README's set-up runs `nnunet-lk env --install`: then no shell line is needed before the stock CLIs.
+    import subprocess
+    import sys
+    from nnunet_lk.env import trainer_folder
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('nnUNet_extTrainer'))"],
+                          env=_clean_env(), capture_output=True, text=True)
+    assert proc.stdout.strip() == trainer_folder(), "run `nnunet-lk env --install` (README set-up)"
+
+
+def test_unknown_trainer_in_stock_cli_gets_a_hint(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    train = Path(sys.executable).parent / "nnUNetv2_train"
+    env = _clean_env(nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path), nnUNet_results=str(tmp_path))
+    proc = subprocess.run([str(train), "4", "2d", "0", "-tr", "nnUNetTrainerDLKUNetXL"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Did you mean nnUNetTrainerDLKUNetL" in proc.stderr
+    assert "nnunet-lk doctor" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -17,15 +17,6 @@ ANISO_3D = dict(strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
 SMALL = dict(widths=[8, 8, 8, 8, 8, 8])  # shape-only tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The CPU is shared: intra-op threads fight each other and make tiny forwards take seconds.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 

@@ -17,15 +17,6 @@ KVASIR_2D = dict(strides=[[1, 1]] + [[2, 2]] * 7, kernel_sizes=[[3, 3]] * 8, pat
 TINY = dict(width=4, heads=4, gft_heads=4)  # shape tests: the smallest widths the head counts allow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The CPU is shared with other jobs: intra-op threads contend and make tiny forwards take seconds.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 

@@ -1,7 +1,6 @@
 """MS-LKSeg (architectures.md §4, §5.5): block parameter formulas, block behaviour against
 re-derived references, shapes on nnU-Net patches, deep supervision, strict load and the structural
 re-parameterisation of the LD skips (fused == unfused, state dict untouched, undone by .train())."""
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 from nnunet_lk.blocks.mslk import (DynamicConv, MISBlock, MultiSemanticSpatialAttention,
                                    ProgressiveChannelSelfAttention, RepLKBlock)
-from nnunet_lk.blocks.reparam import ReparamDepthwise
+from nnunet_lk.blocks.reparam import ReparamDepthwise, unfused
 from nnunet_lk.networks import build_backbone, count_parameters, get_backbone, NetworkConfigError
 
 HIPPO_2D = dict(strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4, patch_size=(56, 40))
@@ -19,16 +18,6 @@ HIPPO_3D = dict(strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_siz
 ANISO_3D = dict(strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]], kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
                 patch_size=(8, 24, 20))
 SMALL = dict(width=4, dyconv_kernels=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core box: OpenMP's 2-thread overhead (tens of ms per conv under load)
-    dwarfs the work, so this module runs single-threaded and restores the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def n_params(module):
@@ -156,18 +145,6 @@ def test_mis_block_order_and_width_change():
 
 # ---------------------------------------------------------------- re-parameterisation
 
-@contextmanager
-def branch_forward(net):
-    """Eval-mode reference: every ReparamDepthwise sums its BN'd branches instead of the fused conv."""
-    modules = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
-    for m in modules:
-        m.unfuse()
-        m.forward = lambda x, m=m: sum(branch(x) for branch in m.branches)
-    try:
-        yield modules
-    finally:
-        for m in modules:
-            del m.forward
 
 
 def trained_bn_net(dim, **kwargs):
@@ -197,10 +174,10 @@ def test_fused_and_unfused_outputs_agree(dim, plans):
         assert len(reparams) == len(net.level_strides) - 1 and all(m.is_fused for m in reparams)
         expected_kernel = (21, 21) if dim == 2 else (1, 7, 7)  # level 0 of the [1,3,3] plan is flat
         assert tuple(reparams[0].fused_weight.shape[2:]) == expected_kernel
-        with branch_forward(net):
-            unfused = net(x)
-    assert (fused - unfused).abs().max().item() < 1e-4
-    assert not torch.equal(fused, unfused)  # two different computations really ran
+        with unfused(net):
+            reference = net(x)
+    assert (fused - reference).abs().max().item() < 1e-4
+    assert not torch.equal(fused, reference)  # two different computations really ran
     net.train()
     assert list(net.state_dict()) == keys_train and not any(m.is_fused for m in reparams)
 

@@ -9,6 +9,7 @@ left on ``.train()``, and redone lazily after ``load_state_dict`` in eval mode.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence, Tuple
 
 import torch
@@ -65,6 +66,7 @@ class ReparamDepthwise(nn.Module):
                         groups=channels, bias=False),
                 batch_norm_op(conv_op)(channels)))
         self.channels = channels
+        self.fusion_enabled = True  # False: eval runs the branches (reference path for tests/benchmarks)
         self._conv_fn = F.conv2d if dim == 2 else F.conv3d
         self.register_buffer("fused_weight", None, persistent=False)
         self.register_buffer("fused_bias", None, persistent=False)
@@ -101,9 +103,23 @@ class ReparamDepthwise(nn.Module):
         self.unfuse()  # weights are about to change; re-fuse lazily on the next eval forward
 
     def forward(self, x):
-        if self.training:
+        if self.training or not self.fusion_enabled:
             return sum(branch(x) for branch in self.branches)
         if not self.is_fused:
             self.fuse()
         return self._conv_fn(x, self.fused_weight, self.fused_bias, stride=self.stride,
                              padding=same_padding(self.fused_kernel, 1, self.dim), groups=self.channels)
+
+
+@contextmanager
+def unfused(network: nn.Module):
+    """Within the block, every ReparamDepthwise of ``network`` runs its parallel branches even in eval
+    mode: the reference for equivalence tests and the "unfused" side of speed benchmarks."""
+    modules = [m for m in network.modules() if isinstance(m, ReparamDepthwise)]
+    for m in modules:
+        m.fusion_enabled = False
+    try:
+        yield modules
+    finally:
+        for m in modules:
+            m.fusion_enabled = True
