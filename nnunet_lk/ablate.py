@@ -296,13 +296,14 @@ def network_figures(trainer: str, model_dir: Path, configuration: str, latency_r
     import torch
 
     from .analysis import count_macs
-    from .bench import params_without_ds_heads, plans_context
+    from .bench import plans_context
+    from .networks.unet import count_parameters
     plans = json.loads((model_dir / "plans.json").read_text())
     dataset_json = json.loads((model_dir / "dataset.json").read_text())
     pm, cm, n_in, n_out = plans_context(plans, dataset_json, configuration)
     net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, False).eval()
     shape = (1, n_in, *cm.patch_size)
-    figures = {"params": sum(p.numel() for p in net.parameters()), "params_without_ds_heads": params_without_ds_heads(net),
+    figures = {"params": sum(p.numel() for p in net.parameters()), "params_without_ds_heads": count_parameters(net, deep_supervision_heads=False),
                "macs": count_macs(net, shape)}
     if latency_repeats > 0:
         x = torch.randn(shape)

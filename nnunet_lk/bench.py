@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .blocks.reparam import unfused
+from .networks.unet import count_parameters
+
 STOCK_TRAINER = "nnUNetTrainer"
 STOCK_BUDGET_TRAINER = "nnUNetTrainerStockBudget"
 STOCK_TRAINERS = (STOCK_TRAINER, STOCK_BUDGET_TRAINER)
@@ -128,34 +131,6 @@ def build_network(trainer: str, plans: dict, dataset_json: dict, configuration: 
 
 
 # ---- measuring one network ------------------------------------------------------------------------------
-def params_without_ds_heads(net) -> int:
-    """Parameters without the auxiliary deep-supervision heads (stock and ours keep them in
-    ``decoder.seg_layers``; the last one is the real output head)."""
-    total = sum(p.numel() for p in net.parameters())
-    heads = getattr(getattr(net, "decoder", None), "seg_layers", None)
-    if heads is not None and len(heads) > 1:
-        total -= sum(p.numel() for head in list(heads)[:-1] for p in head.parameters())
-    return total
-
-
-@contextlib.contextmanager
-def unfused_reparam(net):
-    """Run every ``ReparamDepthwise`` of an eval-mode net through its parallel conv+BN branches.
-
-    ``ReparamDepthwise.forward`` re-fuses lazily in eval mode, so ``.unfuse()`` alone is not enough: each
-    module gets an instance-level forward summing its branches, removed on exit (next eval call re-fuses)."""
-    from .blocks.reparam import ReparamDepthwise
-    modules = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
-    for m in modules:
-        m.unfuse()
-        m.forward = lambda x, m=m: sum(branch(x) for branch in m.branches)
-    try:
-        yield modules
-    finally:
-        for m in modules:
-            del m.forward
-
-
 def timing_stats(seconds: List[float]) -> dict:
     ms = sorted(1e3 * s for s in seconds)
     q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
@@ -198,9 +173,11 @@ def measure_network(job: dict) -> dict:
         "trainer": trainer, "status": "ok", "backbone": getattr(resolve_trainer(trainer), "backbone", None) or "stock nnU-Net",
         "network_class": type(net).__name__, "patch_size": patch, "input_channels": n_in, "output_channels": n_out,
         "train_batch": batch, "params": sum(p.numel() for p in net.parameters()),
-        "params_without_ds_heads": params_without_ds_heads(net),
+        "params_without_ds_heads": count_parameters(net, deep_supervision_heads=False),
         "macs": count_macs(net, (1, n_in, *patch)),
     }
+    # resolution levels actually built (ours: min(paper depth, plan stages); stock: the plans' stages)
+    result["levels"] = len(getattr(net, "level_strides", None) or cm.network_arch_init_kwargs.get("strides", []))
     reparams = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
     result["reparam_modules"] = len(reparams)
 
@@ -237,10 +214,10 @@ def measure_network(job: dict) -> dict:
     if reparams:
         with torch.inference_mode(), autocast():
             fused_out = net(x)
-            with unfused_reparam(net):
+            with unfused(net):
                 unfused_out = net(x)
         result["fused_vs_unfused_max_abs_diff"] = float((fused_out.float() - unfused_out.float()).abs().max())
-        with unfused_reparam(net):
+        with unfused(net):
             result["latency_unfused_ms"] = latency()
         result["latency_unfused_ms_median"] = result["latency_unfused_ms"]["median"]
     del net, x
@@ -400,6 +377,10 @@ def _ratio(r: dict, key: str) -> str:
     return f" ({value:.2f}×)" if value is not None and r["trainer"] != STOCK_TRAINER else ""
 
 
+def _levels(r: dict) -> str:
+    return f" ({r['levels']} levels)" if r.get("levels") else ""
+
+
 def _timing(r: dict, key: str) -> str:
     t = r.get(key)
     return "–" if t is None else f"{t['median']:.2f} [{t['q1']:.2f}–{t['q3']:.2f}]"
@@ -427,7 +408,7 @@ def markdown_table(record: dict) -> str:
         if r["status"] != "ok":
             continue
         lines.append(
-            f"| {r['backbone']} | {r['trainer']} | {_fmt_count(r['params'])}{_ratio(r, 'params')} | "
+            f"| {r['backbone']}{_levels(r)} | {r['trainer']} | {_fmt_count(r['params'])}{_ratio(r, 'params')} | "
             f"{_fmt_count(r['params_without_ds_heads'])}{_ratio(r, 'params_without_ds_heads')} | "
             f"{r['macs'] / 1e9:.3f} G{_ratio(r, 'macs')} | {_timing(r, 'latency_ms')}{_ratio(r, 'latency_ms_median')} | "
             f"{_timing(r, 'latency_unfused_ms')}{_ratio(r, 'latency_unfused_ms_median')} | "

@@ -190,3 +190,22 @@ def test_cli_ablate_and_run_planning(synthetic_results, tmp_path, capsys):
     cmd = ab.train_command("4", "2d", 2, CANDIDATE, "nnUNetPlans", "cpu", "resume")
     assert os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[1:] == [
         "4", "2d", "2", "-tr", CANDIDATE, "-p", "nnUNetPlans", "-device", "cpu", "--npz", "--c"]
+
+
+def test_stock_budget_trainer_reads_the_budget_variables(nnunet_dirs, hippocampus_plans, hippocampus_dataset_json,
+                                                         monkeypatch):
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_lk.training.stock import nnUNetTrainerStockBudget
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "3")
+    monkeypatch.setenv("NNUNET_LK_ITERATIONS", "7")
+    def plans():  # nnU-Net 2.8 pops this key, which run_training puts in
+        return {**hippocampus_plans, "continue_training": False}
+
+    trainer = nnUNetTrainerStockBudget(plans(), "2d", 0, hippocampus_dataset_json, device=torch.device("cpu"))
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (3, 7)
+    assert nnUNetTrainerStockBudget.build_network_architecture is nnUNetTrainer.build_network_architecture
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "0")
+    with pytest.raises(ValueError, match="NNUNET_LK_EPOCHS"):
+        nnUNetTrainerStockBudget(plans(), "2d", 0, hippocampus_dataset_json, device=torch.device("cpu"))

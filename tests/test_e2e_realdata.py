@@ -22,7 +22,7 @@ from realdata import foreground_dice, logged_loss_weights, make_subset, nnunet_e
 
 pytestmark = pytest.mark.slow
 
-EPOCHS, ITERATIONS = 12, 20
+EPOCHS, ITERATIONS = 20, 25
 DICE_FLOOR = 0.5
 
 
@@ -32,9 +32,10 @@ def hippocampus(tmp_path_factory):
     make_subset("Dataset004_Hippocampus", root, n_train=60, n_test=10, seed=0)
     env = nnunet_env(root)
     run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "3d_fullres", "-np", "2", "-npfp", "2"], env)
-    # CPU-sized derived plans (same preprocessed data): batch 32 instead of the planned 81 for 2d
-    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "32",
-         "--option", "dlkunet_m.width=16"], env)
+    # CPU-sized derived plans (same preprocessed data): batch 8 instead of the planned 81 for 2d, narrower
+    # DLKUNet/MS-LKSeg (the options are recorded in the plans, so nnUNetv2_predict rebuilds the same nets)
+    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "8",
+         "--option", "dlkunet_m.width=16", "--option", "mslkseg.width=16"], env)
     # 3d_fullres with the lite_3d preset (InstanceNorm, DLKUNet C=32); the planned batch (2) is kept
     run(["nnunet-lk", "plans", "-d", "4", "-c", "3d_fullres", "--name", "nnUNetPlans_lite3d", "--preset", "lite_3d"],
         env)
@@ -48,8 +49,8 @@ def kvasir(tmp_path_factory):
     env = nnunet_env(root)
     run(["nnUNetv2_plan_and_preprocess", "-d", "201", "-c", "2d", "-np", "2", "-npfp", "2"], env)
     # nnU-Net plans 640x640 at batch 5: far too heavy for a CPU test
-    run(["nnunet-lk", "plans", "-d", "201", "-c", "2d", "--name", "nnUNetPlans_cpu", "--patch", "256", "256",
-         "--batch", "4"], env)
+    run(["nnunet-lk", "plans", "-d", "201", "-c", "2d", "--name", "nnUNetPlans_cpu", "--patch", "128", "128",
+         "--batch", "8", "--option", "mslkseg.width=16"], env)
     return root, env
 
 
@@ -136,15 +137,15 @@ def test_dlkunet_train_kill_resume_predict_evaluate(hippocampus):
 
 # (trainer, configuration, epochs, iterations, Dice floor): floors calibrated, see README "Tests"
 HIPPOCAMPUS_RUNS = [
-    ("nnUNetTrainerDLKUNetM", "3d_fullres", 6, 10, 0.4),
-    ("nnUNetTrainerLGMSNet", "3d_fullres", 8, 10, 0.4),
-    ("nnUNetTrainerMSLKSeg", "2d", 8, 15, 0.4),
-    ("nnUNetTrainerLMNet", "2d", 8, 15, 0.4),
+    ("nnUNetTrainerMSLKSeg", "2d", 20, 25, 0.4),
+    ("nnUNetTrainerLMNet", "2d", 20, 25, 0.4),
+    ("nnUNetTrainerDLKUNetM", "3d_fullres", 10, 12, 0.2),
+    ("nnUNetTrainerLGMSNet", "3d_fullres", 10, 12, 0.2),
 ]
 KVASIR_RUNS = [
-    ("nnUNetTrainerLGMSNet", 8, 10, 0.35),
-    ("nnUNetTrainerMSLKSeg", 8, 10, 0.35),
-    ("nnUNetTrainerLMNet", 8, 10, 0.35),
+    ("nnUNetTrainerLGMSNet", 15, 20, 0.35),
+    ("nnUNetTrainerMSLKSeg", 15, 20, 0.35),
+    ("nnUNetTrainerLMNet", 15, 20, 0.35),
 ]
 
 

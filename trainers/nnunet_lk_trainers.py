@@ -4,3 +4,4 @@ Only re-exports: the classes live in the installed package, so they survive nnU-
 scanned modules and can be pickled."""
 from nnunet_lk.training.trainers import *  # noqa: F401,F403
 from nnunet_lk.training.trainers import __all__  # noqa: F401
+from nnunet_lk.training.stock import nnUNetTrainerStockBudget  # noqa: F401  (stock net, same short budget)

@@ -152,8 +152,9 @@ def count_parameters(net: nn.Module, deep_supervision_heads: bool = True) -> int
     """Parameter count. ``deep_supervision_heads=False`` leaves out the auxiliary heads that only deep
     supervision uses (our nnU-Net extension), which is what the papers' counts compare to."""
     total = sum(p.numel() for p in net.parameters())
-    if not deep_supervision_heads and isinstance(getattr(net, "decoder", None), UNetDecoder):
-        total -= sum(p.numel() for head in net.decoder.seg_layers[:-1] for p in head.parameters())
+    heads = getattr(getattr(net, "decoder", None), "seg_layers", None)  # ours and nnU-Net's own decoders
+    if not deep_supervision_heads and heads is not None:
+        total -= sum(p.numel() for head in list(heads)[:-1] for p in head.parameters())
     return total
 
 

@@ -1,0 +1,80 @@
+"""``nnunet-lk export`` (a trained fold as ONNX, checked with onnxruntime) and ``nnunet-lk predict-onnx``
+(nnU-Net's predictor running that ONNX model; same output files as ``nnUNetv2_predict``). See
+``nnunet_lk/export.py``."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _fold(value: str):
+    return value if value == "all" else int(value)
+
+
+def cmd_export(args) -> int:
+    from ..export import ExportError, export_model_folder
+    from ..training.base import CheckpointError
+    try:
+        export_model_folder(args.results_folder, args.fold, args.output, checkpoint_name=args.checkpoint,
+                            tolerance=args.tolerance, opset=args.opset)
+    except (ExportError, CheckpointError) as e:
+        print(f"nnunet-lk export: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_predict_onnx(args) -> int:
+    from ..export import ExportError, onnx_predictor
+    from ..training.base import CheckpointError
+    try:
+        predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
+                                   use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
+                                   threads=args.threads, verbose=args.verbose)
+    except (ExportError, CheckpointError) as e:
+        print(f"nnunet-lk predict-onnx: error: {e}", file=sys.stderr)
+        return 1
+    os.makedirs(args.output, exist_ok=True)  # nnU-Net's sequential path expects it
+    if args.npp == 0 or args.nps == 0:
+        predictor.predict_from_files_sequential(args.input, args.output, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction)
+    else:
+        predictor.predict_from_files(args.input, args.output, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a trained fold to ONNX (dynamic batch and spatial axes), checked with onnxruntime",
+        description="Build the fold's network as nnUNetv2_predict does (deep supervision off, strict load, eval: "
+                    "re-parameterised), export it to ONNX and compare with onnxruntime on the plans' patch size. "
+                    "Writes MODEL.onnx and MODEL.json (patch size, spacing, channels, labels, normalisation).")
+    p.add_argument("results_folder", help="nnU-Net model folder: nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG")
+    p.add_argument("-f", "--fold", type=_fold, required=True, help="fold number or 'all'")
+    p.add_argument("-c", "--checkpoint", default="checkpoint_final.pth", help="default: checkpoint_final.pth")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write (the sidecar goes beside it)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |PyTorch - onnxruntime| logit difference (default 1e-4)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "predict-onnx", help="nnUNetv2_predict with the network replaced by an exported ONNX model",
+        description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) "
+                    "with onnxruntime computing the logits.")
+    p.add_argument("-i", "--input", required=True, help="folder of images named as for nnUNetv2_predict")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder the ONNX came from")
+    p.add_argument("--onnx", required=True, help="the .onnx file written by `nnunet-lk export`")
+    p.add_argument("-f", "--fold", type=_fold, required=True, help="the fold that was exported")
+    p.add_argument("-c", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--step_size", type=float, default=0.5, help="sliding-window step (nnU-Net's default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring (as nnUNetv2_predict --disable_tta)")
+    p.add_argument("--save_probabilities", action="store_true")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
+    p.add_argument("-npp", type=int, default=1, help="preprocessing processes (0: no multiprocessing)")
+    p.add_argument("-nps", type=int, default=1, help="export processes (0: no multiprocessing)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_predict_onnx)

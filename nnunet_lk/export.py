@@ -1,0 +1,426 @@
+"""ONNX export of a trained nnU-Net fold, and nnU-Net's own predictor running the ONNX model (issue 7).
+
+Export (``nnunet-lk export``): the fold's checkpoint is read with ``read_checkpoint`` (clear errors for
+truncated or foreign files), its trainer class is found by nnU-Net's own lookup, and the network is
+built statically with deep supervision off and loaded strictly, exactly as ``nnUNetv2_predict`` does.
+``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv).
+
+How the graph gets dynamic spatial axes: every network needs spatial sizes that are multiples of its
+total stride (``LKUNet`` pads to ``size_multiple`` inside ``forward``; stock nnU-Net relies on the
+plans' patch). Tracing that Python shape logic with symbolic sizes specialises it (``round``, ``if
+any(pad)``), so the traced core is the network on sizes ``multiple * k`` (torch.export derived
+dimensions: every shape test inside is then provable for all ``k``), and the end padding and the crop
+back are added around it as ONNX ``Pad``/``Slice`` nodes. The resulting model takes any batch and any
+spatial size, like the PyTorch network.
+
+Check: onnxruntime against PyTorch on random inputs of the plans' patch size and on an odd size that
+needs padding; the largest absolute logit difference is printed and must stay under a tolerance.
+
+Prediction (``nnunet-lk predict-onnx``): ``nnUNetPredictor`` is initialised from the model folder as
+usual and its ``network`` replaced by ``OnnxRuntimeNetwork`` (torch in/out, onnxruntime inside), so
+preprocessing, sliding window, mirroring, resampling and export are nnU-Net's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .training.base import CheckpointError, read_checkpoint
+
+DEFAULT_TOLERANCE = 1e-4
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or does not reproduce PyTorch; the message says why and what to do."""
+
+
+# ---- the model folder ------------------------------------------------------------------------------------
+@dataclass
+class LoadedFold:
+    network: nn.Module
+    plans_manager: object
+    configuration_manager: object
+    dataset_json: dict
+    configuration: str
+    trainer_name: str
+    checkpoint_path: str
+    num_input_channels: int
+    num_output_channels: int
+    inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]
+
+
+def find_trainer_class(trainer_name: str):
+    """nnU-Net's own lookup (``recursive_find_trainer_class_by_name``), with our folder on its path."""
+    from . import env as lk_env
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    lk_env.ensure_environment()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its search messages are not our output
+            return recursive_find_trainer_class_by_name(trainer_name)
+    except (RuntimeError, AssertionError) as e:
+        raise ExportError(f"the checkpoint was trained with {trainer_name!r}, which nnU-Net cannot find ({e}). "
+                          f"Install the package that defines it; for nnunet-lk trainers run `nnunet-lk doctor` "
+                          f"(and `nnunet-lk env --install`).") from None
+
+
+def fold_folder(results_folder: str, fold) -> str:
+    return os.path.join(results_folder, f"fold_{fold}")
+
+
+def load_fold(results_folder: str, fold, checkpoint_name: str = "checkpoint_final.pth") -> LoadedFold:
+    """The fold's network in inference form, built and loaded as ``nnUNetv2_predict`` builds it."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    for name in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(results_folder, name)):
+            raise ExportError(f"{results_folder} has no {name}: give an nnU-Net model folder "
+                              f"(nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION)")
+    path = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
+    if not os.path.isfile(path):
+        available = sorted(d for d in os.listdir(results_folder) if d.startswith("fold_"))
+        raise ExportError(f"{path} does not exist (folds here: {', '.join(available) or 'none'}); choose "
+                          f"--fold and -c (checkpoint_final.pth / checkpoint_best.pth) of a finished training")
+    checkpoint = read_checkpoint(path)
+    with open(os.path.join(results_folder, "plans.json")) as f:
+        plans_manager = PlansManager(json.load(f))
+    with open(os.path.join(results_folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    configuration = checkpoint["init_args"]["configuration"]
+    configuration_manager = plans_manager.get_configuration(configuration)
+    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    trainer_class = find_trainer_class(checkpoint["trainer_name"])
+    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+                                                       enable_deep_supervision=False)
+    try:
+        network.load_state_dict(checkpoint["network_weights"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the network {checkpoint['trainer_name']} builds from "
+                              f"{results_folder}/plans.json ({str(e).splitlines()[0]}). Was the checkpoint copied "
+                              f"from another model folder?") from None
+    network.eval()  # inference form: ReparamDepthwise fuses here
+    mirror = checkpoint.get("inference_allowed_mirroring_axes")
+    return LoadedFold(network, plans_manager, configuration_manager, dataset_json, configuration,
+                      checkpoint["trainer_name"], path, n_in, n_out, tuple(mirror) if mirror is not None else None)
+
+
+# ---- the traced core -------------------------------------------------------------------------------------
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def size_multiple(network: nn.Module, strides: Optional[Sequence[Sequence[int]]] = None,
+                  dim: Optional[int] = None) -> Tuple[int, ...]:
+    """Spatial sizes the network runs on without padding: an ``LKUNet``'s own ``size_multiple`` and total
+    stride; otherwise (stock nnU-Net) the product of the plans' strides."""
+    from .networks.unet import LKUNet
+    if isinstance(network, LKUNet):
+        return tuple(_lcm(int(a), int(b)) for a, b in zip(network.size_multiple, network.total_stride))
+    if strides is None:
+        if dim is None:
+            raise ValueError("give the plans' strides (or dim) for a network that is not an LKUNet")
+        return (1,) * dim
+    return tuple(int(v) for v in np.prod(np.array(strides), axis=0))
+
+
+class AlignedCore(nn.Module):
+    """The network on inputs whose spatial sizes are already multiples of ``size_multiple`` (what the
+    exported graph traces). For an ``LKUNet`` this is its forward without the pad and crop, which are
+    no-ops on such sizes but specialise symbolic shapes; any other network runs as it is."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        from .networks.unet import LKUNet
+        net = self.network
+        if not isinstance(net, LKUNet):
+            out = net(x)
+            return out[0] if isinstance(out, (list, tuple)) else out
+        features = []
+        for stage in net.encoder:
+            x = stage(x)
+            features.append(x)
+        skips = net.skip_fusion(features) if net.skip_fusion is not None else features[:-1]
+        x = net.bottleneck(features) if net.bottleneck is not None else features[-1]
+        return net.decoder(x, skips)[-1 if net.decoder.deep_supervision else 0]
+
+
+def _example_size(multiple: Sequence[int], patch_size: Optional[Sequence[int]]) -> List[int]:
+    """A traced example size: the patch rounded up to the multiple, at least 2 multiples per axis (a size
+    of one multiple would let the tracer treat k == 1 as a constant)."""
+    patch = patch_size or [2 * m for m in multiple]
+    return [max(2, -(-int(p) // m)) * m for p, m in zip(patch, multiple)]
+
+
+def export_core(network: nn.Module, path: str, num_input_channels: int, multiple: Sequence[int],
+                patch_size: Optional[Sequence[int]] = None, opset: Optional[int] = None,
+                dynamic_batch: bool = True) -> None:
+    """torch.onnx (dynamo) export of ``AlignedCore``: spatial axes ``multiple[i] * k_i``, batch dynamic
+    or fixed to 1 (nnU-Net's sliding window predicts one patch at a time)."""
+    core = AlignedCore(network).eval()
+    example = torch.randn(2 if dynamic_batch else 1, num_input_channels, *_example_size(multiple, patch_size))
+    shapes = {0: torch.export.Dim("batch", min=1, max=1024)} if dynamic_batch else {}
+    for axis, m in enumerate(multiple):
+        k = torch.export.Dim(f"k{axis}", min=1, max=4096)
+        shapes[axis + 2] = k * m if m > 1 else k
+    kwargs = {"opset_version": opset} if opset else {}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(core, (example,), path, dynamo=True, input_names=["aligned"],
+                              output_names=["aligned_logits"], dynamic_shapes=(shapes,), external_data=False,
+                              verbose=False, **kwargs)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed for {type(network).__name__} "
+                              f"({getattr(network, 'backbone', '')}) with {'dynamic' if dynamic_batch else 'batch 1'} "
+                              f"batch and dynamic spatial sizes "
+                              f"{['%d*k' % m for m in multiple]}: {type(e).__name__}: {str(e)[:2000]}") from e
+
+
+# ---- padding and crop as ONNX nodes ----------------------------------------------------------------------
+def wrap_pad_and_crop(core_path: str, path: str, multiple: Sequence[int]) -> None:
+    """Prepend zero padding at the end of each spatial axis up to ``multiple`` and append the crop back,
+    turning the aligned core into a model that takes any spatial size (as the PyTorch network does)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(core_path)
+    graph = model.graph
+    dim = len(multiple)
+    (core_in,), (core_out,) = graph.input, graph.output
+    const = lambda name, values: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], list(values)))
+    nodes = [
+        const("lk_multiple", multiple), const("lk_zeros", [0] * (dim + 2)), const("lk_zero2", [0, 0]),
+        const("lk_start2", [2]), const("lk_end_big", [2 + dim]), const("lk_axes", list(range(2, 2 + dim))),
+        const("lk_starts0", [0] * dim),
+        helper.make_node("Shape", [INPUT_NAME], ["lk_shape"]),
+        helper.make_node("Slice", ["lk_shape", "lk_start2", "lk_end_big"], ["lk_spatial"]),
+        # pad = (multiple - size % multiple) % multiple, at the end of each axis
+        helper.make_node("Mod", ["lk_spatial", "lk_multiple"], ["lk_rem"]),
+        helper.make_node("Sub", ["lk_multiple", "lk_rem"], ["lk_gap"]),
+        helper.make_node("Mod", ["lk_gap", "lk_multiple"], ["lk_pad"]),
+        helper.make_node("Concat", ["lk_zeros", "lk_zero2", "lk_pad"], ["lk_pads"], axis=0),
+        helper.make_node("Pad", [INPUT_NAME, "lk_pads"], [core_in.name], mode="constant"),
+    ]
+    tail = [helper.make_node("Slice", [core_out.name, "lk_starts0", "lk_spatial", "lk_axes"], [OUTPUT_NAME])]
+    elem = core_in.type.tensor_type.elem_type
+    batch = core_in.type.tensor_type.shape.dim[0].dim_value or "batch"
+    channels_in = core_in.type.tensor_type.shape.dim[1].dim_value
+    channels_out = core_out.type.tensor_type.shape.dim[1].dim_value
+    spatial = [f"spatial_{i}" for i in range(dim)]
+    new_in = helper.make_tensor_value_info(INPUT_NAME, elem, [batch, channels_in or "channels", *spatial])
+    new_out = helper.make_tensor_value_info(OUTPUT_NAME, elem, [batch, channels_out or "classes", *spatial])
+    old_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old_nodes + tail)
+    graph.value_info.extend([core_in, core_out])
+    del graph.input[:]
+    graph.input.append(new_in)
+    del graph.output[:]
+    graph.output.append(new_out)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def export_network(network: nn.Module, path: str, num_input_channels: int, multiple: Sequence[int],
+                   patch_size: Optional[Sequence[int]] = None, opset: Optional[int] = None, log=None) -> bool:
+    """Export ``network`` (already in eval mode) to ``path``: any spatial size, and any batch where the
+    network allows it. Returns whether the batch axis is dynamic.
+
+    A network whose graph depends on the batch size in a way ONNX cannot express (MS-LKSeg's
+    DynamicConv folds the batch into the ``group`` attribute of one grouped conv, and ONNX needs that
+    attribute constant) is exported with batch 1, the batch nnU-Net's sliding window predicts with."""
+    core_path = f"{path}.core.tmp"
+    tmp = f"{path}.tmp"
+    dynamic_batch = True
+    try:
+        try:
+            export_core(network, core_path, num_input_channels, multiple, patch_size, opset)
+        except ExportError as e:
+            dynamic_batch = False
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"note: no dynamic batch for this network ({str(e).splitlines()[0][:300]}...); exporting with "
+                f"batch 1, which is what nnU-Net's sliding window uses")
+            export_core(network, core_path, num_input_channels, multiple, patch_size, opset, dynamic_batch=False)
+        wrap_pad_and_crop(core_path, tmp, multiple)
+        os.replace(tmp, path)  # never leave a half-written model under the final name
+    finally:
+        for leftover in (core_path, tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return dynamic_batch
+
+
+# ---- onnxruntime -----------------------------------------------------------------------------------------
+def ort_session(path: str, threads: Optional[int] = None):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def max_abs_difference(network: nn.Module, session, shapes: Sequence[Sequence[int]], seed: int = 0) -> List[float]:
+    """Largest |PyTorch - onnxruntime| logit difference for one random input of each shape."""
+    generator = torch.Generator().manual_seed(seed)
+    diffs = []
+    for shape in shapes:
+        x = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            reference = network(x)
+        reference = (reference[0] if isinstance(reference, (list, tuple)) else reference).numpy()
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        if out.shape != reference.shape:
+            raise ExportError(f"onnxruntime returned {out.shape} for input {list(shape)}, PyTorch {reference.shape}")
+        diffs.append(float(np.abs(out - reference).max()))
+    return diffs
+
+
+def check_shapes(num_input_channels: int, patch_size: Sequence[int], multiple: Sequence[int], batch: int = 2
+                 ) -> List[List[int]]:
+    """The plans' patch (batch ``batch``) and a smaller size that is no multiple of the network's (padding)."""
+    odd = [max(1, int(p) // 2 + (1 if m > 1 else 0)) for p, m in zip(patch_size, multiple)]
+    odd = [o + 1 if (m > 1 and o % m == 0) else o for o, m in zip(odd, multiple)]
+    return [[batch, num_input_channels, *map(int, patch_size)], [1, num_input_channels, *odd]]
+
+
+# ---- the sidecar -----------------------------------------------------------------------------------------
+def sidecar(fold: LoadedFold, multiple: Sequence[int], results_folder: str, fold_name, diffs, tolerance) -> dict:
+    cm, pm = fold.configuration_manager, fold.plans_manager
+    lm = pm.get_label_manager(fold.dataset_json)
+    return {
+        "format": "nnunet-lk onnx sidecar 1",
+        "input": INPUT_NAME, "output": OUTPUT_NAME,
+        "input_layout": "N C " + " ".join("ZYX"[-len(cm.patch_size):]),
+        "model_folder": os.path.abspath(results_folder), "fold": fold_name,
+        "checkpoint": os.path.abspath(fold.checkpoint_path), "trainer": fold.trainer_name,
+        "plans": pm.plans_name, "configuration": fold.configuration,
+        "dataset": pm.dataset_name,
+        "patch_size": [int(v) for v in cm.patch_size],
+        "spacing": [float(v) for v in cm.spacing],
+        "size_multiple": [int(v) for v in multiple],
+        "num_input_channels": fold.num_input_channels,
+        "channel_names": fold.dataset_json.get("channel_names", fold.dataset_json.get("modality")),
+        "num_output_channels": fold.num_output_channels,
+        "labels": fold.dataset_json.get("labels"),
+        "has_regions": bool(lm.has_regions),
+        "regions_class_order": list(lm.regions_class_order) if lm.has_regions else None,
+        "transpose_forward": list(pm.transpose_forward),
+        "transpose_backward": list(pm.transpose_backward),
+        "normalization_schemes": list(cm.normalization_schemes),
+        "use_mask_for_norm": list(cm.use_mask_for_norm),
+        "foreground_intensity_properties_per_channel": pm.foreground_intensity_properties_per_channel,
+        "resampling": {"data": cm.configuration.get("resampling_fn_data"),
+                       "probabilities": cm.configuration.get("resampling_fn_probabilities")},
+        "inference_allowed_mirroring_axes": list(fold.inference_allowed_mirroring_axes)
+        if fold.inference_allowed_mirroring_axes is not None else None,
+        "check": {"max_abs_diff": diffs, "tolerance": tolerance},
+        "note": "Logits for sliding-window inference: preprocess as nnU-Net does (transpose, normalisation, "
+                "resampling to 'spacing'), run patches of 'patch_size', or use `nnunet-lk predict-onnx`.",
+    }
+
+
+def sidecar_path(onnx_path: str) -> str:
+    base = onnx_path[:-5] if onnx_path.endswith(".onnx") else onnx_path
+    return base + ".json"
+
+
+def export_model_folder(results_folder: str, fold, output: str, checkpoint_name: str = "checkpoint_final.pth",
+                        tolerance: float = DEFAULT_TOLERANCE, opset: Optional[int] = None, log=print) -> dict:
+    """``nnunet-lk export``: export, check against PyTorch, write the sidecar. Returns the sidecar."""
+    fold_name = fold if fold == "all" else int(fold)
+    loaded = load_fold(results_folder, fold_name, checkpoint_name)
+    cm = loaded.configuration_manager
+    strides = cm.network_arch_init_kwargs.get("strides") if cm.network_arch_init_kwargs else None
+    multiple = size_multiple(loaded.network, strides, len(cm.patch_size))
+    log(f"exporting {loaded.trainer_name} ({loaded.configuration}, fold {fold_name}) from {loaded.checkpoint_path}; "
+        f"traced on sizes multiple of {list(multiple)}")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    dynamic_batch = export_network(loaded.network, output, loaded.num_input_channels, multiple, cm.patch_size,
+                                   opset, log=log)
+    shapes = check_shapes(loaded.num_input_channels, cm.patch_size, multiple, batch=2 if dynamic_batch else 1)
+    diffs = max_abs_difference(loaded.network, ort_session(output), shapes)
+    for shape, diff in zip(shapes, diffs):
+        log(f"onnxruntime vs PyTorch, input {shape}: max abs difference {diff:.3e} (tolerance {tolerance:.0e})")
+    info = sidecar(loaded, multiple, results_folder, fold_name, diffs, tolerance)
+    info["dynamic_batch"] = dynamic_batch
+    with open(sidecar_path(output), "w") as f:
+        json.dump(info, f, indent=2)
+    if max(diffs) > tolerance:
+        raise ExportError(f"the ONNX model differs from PyTorch by {max(diffs):.3e} > tolerance {tolerance:.0e}; "
+                          f"{output} was kept for inspection. Raise --tolerance only if this is float rounding.")
+    log(f"wrote {output} and {sidecar_path(output)}")
+    return info
+
+
+# ---- nnU-Net's predictor on onnxruntime -----------------------------------------------------------------
+class OnnxRuntimeNetwork(nn.Module):
+    """Stands in for ``nnUNetPredictor.network``: torch tensor in, torch tensor out, onnxruntime inside.
+
+    The predictor calls ``load_state_dict`` once per fold and ``.to(device)``/``.eval()``; the weights
+    live in the ONNX file, so loading is a no-op (the predictor is given exactly one placeholder fold)."""
+
+    def __init__(self, onnx_path: str, threads: Optional[int] = None):
+        super().__init__()
+        self.onnx_path = onnx_path
+        self.session = ort_session(onnx_path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def load_state_dict(self, state_dict=None, strict: bool = True, assign: bool = False):
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.session.run(None, {self.input_name: array})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: str = "checkpoint_final.pth",
+                   use_mirroring: bool = True, tile_step_size: float = 0.5, threads: Optional[int] = None,
+                   verbose: bool = False):
+    """An ``nnUNetPredictor`` set up from the model folder, whose network runs the ONNX model."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    fold_name = fold if fold == "all" else int(fold)
+    path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)
+    if os.path.isfile(path):
+        read_checkpoint(path)  # a clear error for a truncated/foreign file before nnU-Net's own load
+    os.environ["nnUNet_compile"] = "f"  # nothing to compile: the network is onnxruntime
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        predictor.initialize_from_trained_model_folder(results_folder, (fold_name,), checkpoint_name)
+    network = OnnxRuntimeNetwork(onnx_path, threads)
+    expected = _n_in(predictor)
+    channels = network.session.get_inputs()[0].shape[1]
+    if isinstance(channels, int) and channels != expected:
+        raise ExportError(f"{onnx_path} takes {channels} input channels but {results_folder} expects {expected}: "
+                          f"export this model folder again (nnunet-lk export)")
+    predictor.network = network
+    predictor.list_of_parameters = [None]  # one "fold": the ONNX model
+    return predictor
+
+
+def _n_in(predictor) -> int:
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    return determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
+                                        predictor.dataset_json)

@@ -1,0 +1,298 @@
+"""ONNX export and onnxruntime inference (issue 7, ``nnunet_lk/export.py``).
+
+Fast: the export CLI on a fake nnU-Net model folder (hippocampus plans, tiny DLKUNet-S, a checkpoint in
+nnU-Net's format), its sidecar, dynamic axes, clear errors for truncated/foreign/mismatched checkpoints
+and unknown trainers, and ``predict-onnx`` against ``nnUNetv2_predict_from_modelfolder`` on two
+synthetic cases. Slow (``-m slow``; torch's dynamo exporter takes ~15-120 s per network on a loaded
+2-core machine): every registered backbone in 2D and 3D, and a stock nnUNetTrainer model.
+
+Tolerance: 1e-4 on logits (float32; the observed differences are ~1e-7)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from nnunet_lk.blocks.reparam import ReparamDepthwise
+from nnunet_lk.cli.main import main as cli_main
+from nnunet_lk.export import (ExportError, export_network, load_fold, max_abs_difference, ort_session, sidecar_path,
+                              size_multiple)
+from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
+from nnunet_lk.training.base import CheckpointError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOLERANCE = 1e-4
+# Smallest widths each backbone's blocks accept (export is about the graph, not capacity).
+TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dict(width=8),
+        "lgmsnet": dict(widths=[8] * 6), "lmnet": dict(width=4, heads=4, gft_heads=4),
+        "mslkseg": dict(width=4, dyconv_kernels=2)}
+PATCH = {2: (56, 40), 3: (40, 56, 40)}  # the Hippocampus plans' patches
+ODD = {2: (37, 29), 3: (21, 27, 19)}  # no multiple of any stride: exercises the padding and crop nodes
+LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
+
+
+def _randomise_norm_statistics(net: nn.Module, seed: int = 0):
+    """Non-trivial BN statistics, as a trained network has, so that folding and export are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return net
+
+
+# ONNX Conv needs a constant `group`; MS-LKSeg's DynamicConv uses groups=batch, so it exports with batch 1
+# (nnU-Net's sliding-window batch). A block change could lift this (see nnunet_lk/export.py).
+STATIC_BATCH = {"mslkseg"}
+
+
+def _check_exported(net, path, channels, dim, dynamic_batch=True):
+    session = ort_session(path)
+    declared = session.get_inputs()[0].shape
+    assert all(isinstance(d, str) for d in declared[2:]), declared  # dynamic spatial axes
+    assert isinstance(declared[0], str) if dynamic_batch else declared[0] == 1, declared
+    b1, b2 = (2, 3) if dynamic_batch else (1, 1)
+    shapes = [[b1, channels, *PATCH[dim]], [1, channels, *ODD[dim]], [b2, channels, *PATCH[dim]]]
+    diffs = max_abs_difference(net, session, shapes)
+    assert max(diffs) <= TOLERANCE, diffs
+    return diffs
+
+
+# ---- every backbone (slow) ---------------------------------------------------------------------------------
+CASES = [(name, dim) for name in list_backbones() for dim in (2, 3) if dim in get_backbone(name).dims]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name,dim", CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
+    torch.manual_seed(0)
+    net = _randomise_norm_statistics(build_backbone(name, dim=dim, input_channels=2, num_classes=3,
+                                                    **TINY.get(name, {}))).eval()
+    path = str(tmp_path / f"{name}.onnx")
+    dynamic_batch = export_network(net, path, 2, size_multiple(net), PATCH[dim])
+    assert dynamic_batch == (name not in STATIC_BATCH)
+    assert sorted(os.listdir(tmp_path)) == [f"{name}.onnx"]  # no temporary files left
+    _check_exported(net, path, 2, dim, dynamic_batch)
+    reparam = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
+    if reparam:  # inference form: one fused conv per ReparamDepthwise, the training branches are gone
+        import onnx
+        names = [i.name for i in onnx.load(path).graph.initializer]
+        assert sum(n.endswith("fused_weight") for n in names) == len(reparam)
+        assert not any(".branches." in n for n in names)
+
+
+# ---- a fake nnU-Net model folder ---------------------------------------------------------------------------
+def _plans(width=8):
+    plans = json.loads((FIXTURES / "hippocampus_plans.json").read_text())
+    plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": width}}
+    return plans
+
+
+def _dataset_json():
+    return {"channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
+
+
+def _save_checkpoint(path, network, plans, trainer_name, configuration="2d", fold=0):
+    """nnU-Net's checkpoint format (nnUNetTrainer.save_checkpoint)."""
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": {}, "_best_ema": None, "current_epoch": 3,
+                "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
+                              "dataset_json": _dataset_json(), "device": torch.device("cpu")},
+                "trainer_name": trainer_name, "inference_allowed_mirroring_axes": (0, 1)}, path)
+
+
+def make_model_folder(root: Path, trainer_name: str, plans: dict, network: nn.Module, configuration="2d") -> Path:
+    folder = root / plans["dataset_name"] / f"{trainer_name}__{plans['plans_name']}__{configuration}"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(_dataset_json()))
+    _save_checkpoint(folder / "fold_0" / "checkpoint_final.pth", network, plans, trainer_name, configuration)
+    return folder
+
+
+def _lk_network(plans, width=8, seed=0):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk.training.trainers import nnUNetTrainerDLKUNetS
+    pm = PlansManager(plans)
+    torch.manual_seed(seed)
+    # saved as training saves it: deep supervision on
+    net = _randomise_norm_statistics(
+        nnUNetTrainerDLKUNetS.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True), seed)
+    # Untrained logits are tiny (~1e-3) and favour one class; scale and centre the final head on z-scored
+    # input so that every class wins somewhere with clear margins and the label comparison means something.
+    net.eval()
+    head = net.decoder.seg_layers[-1]
+    x = torch.randn(4, 1, 56, 40, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = net(x)[0]
+        scale = 1.0 / logits.std(dim=(0, 2, 3))
+        head.weight *= scale.reshape(-1, *[1] * (head.weight.dim() - 1))
+        head.bias *= scale
+        head.bias -= net(x)[0].mean(dim=(0, 2, 3))
+    return net.train()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A DLKUNet-S (width 8) model folder exported once through the CLI."""
+    root = tmp_path_factory.mktemp("results")
+    plans = _plans()
+    folder = make_model_folder(root, "nnUNetTrainerDLKUNetS", plans, _lk_network(plans))
+    out = root / "onnx" / "model.onnx"
+    code = cli_main(["export", str(folder), "--fold", "0", "-o", str(out)])
+    assert code == 0
+    return folder, out
+
+
+def test_export_cli_writes_model_and_sidecar(exported, capsys):
+    folder, out = exported
+    info = json.loads(Path(sidecar_path(str(out))).read_text())
+    assert Path(sidecar_path(str(out))).name == "model.json"
+    assert info["patch_size"] == [56, 40] and info["spacing"] == [1.0, 1.0]
+    assert info["num_input_channels"] == 1 and info["num_output_channels"] == 3
+    assert info["labels"] == LABELS and info["transpose_forward"] == [0, 1, 2]
+    assert info["normalization_schemes"] == ["ZScoreNormalization"]
+    assert info["trainer"] == "nnUNetTrainerDLKUNetS" and info["configuration"] == "2d" and info["fold"] == 0
+    assert info["inference_allowed_mirroring_axes"] == [0, 1]
+    assert max(info["check"]["max_abs_diff"]) <= TOLERANCE == info["check"]["tolerance"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.json", "model.onnx"]
+    # the ONNX model against the network nnUNetv2_predict builds, at other sizes and batches
+    loaded = load_fold(str(folder), 0)
+    assert not loaded.network.training and not loaded.network.decoder.deep_supervision
+    _check_exported(loaded.network, str(out), 1, 2)
+
+
+def _fold_files(folder):
+    return folder / "fold_0" / "checkpoint_final.pth"
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "truncated or not a torch file"),
+    ("foreign", "not an nnU-Net checkpoint"),
+    ("other_width", "weights do not fit the network"),
+    ("unknown_trainer", "which nnU-Net cannot find"),
+    ("no_fold", "does not exist"),
+])
+def test_export_errors_are_clear_and_write_nothing(exported, tmp_path, capsys, damage, message):
+    folder = _copy_folder(exported[0], tmp_path / "model")
+    checkpoint = _fold_files(folder)
+    fold = "0"
+    if damage == "truncated":
+        data = checkpoint.read_bytes()
+        checkpoint.write_bytes(data[:len(data) // 2])
+    elif damage == "foreign":
+        torch.save({"state_dict": _lk_network(_plans()).state_dict()}, checkpoint)
+    elif damage == "other_width":
+        _save_checkpoint(checkpoint, _lk_network(_plans(width=16)), _plans(), "nnUNetTrainerDLKUNetS")
+    elif damage == "unknown_trainer":
+        _save_checkpoint(checkpoint, _lk_network(_plans()), _plans(), "nnUNetTrainerDoesNotExist")
+    else:
+        fold = "3"
+    out = tmp_path / "out" / "model.onnx"
+    code = cli_main(["export", str(folder), "--fold", fold, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err, err
+    assert not out.exists() and not Path(sidecar_path(str(out))).exists()
+
+
+def test_loading_errors_raise_typed_exceptions(exported, tmp_path):
+    folder = _copy_folder(exported[0], tmp_path / "model")
+    _fold_files(folder).write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_fold(str(folder), 0)
+    with pytest.raises(ExportError, match="no plans.json"):
+        load_fold(str(tmp_path), 0)
+
+
+# ---- predict-onnx against nnUNetv2_predict -----------------------------------------------------------------
+def _write_cases(folder: Path, n=2):
+    import SimpleITK as sitk
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape = (12 + 3 * i, 50, 35)  # z, y, x as SimpleITK arrays
+        zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+        blob = np.exp(-((yy - 0.2 * i) ** 2 + xx ** 2 + zz ** 2) * 4)
+        image = (300 * blob + 20 * rng.standard_normal(shape)).astype(np.float32)
+        itk = sitk.GetImageFromArray(image)
+        itk.SetSpacing((1.0, 1.0, 1.0))
+        sitk.WriteImage(itk, str(folder / f"hippo_{i:03d}_0000.nii.gz"))
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.timeout(600)
+def test_predict_onnx_matches_nnunetv2_predict(exported, tmp_path):
+    from nnunet_lk.env import with_trainer_folder
+    folder, onnx_path = exported
+    images = tmp_path / "images"
+    _write_cases(images)
+    stock_out, onnx_out = tmp_path / "stock", tmp_path / "onnx"
+    env = dict(os.environ, nnUNet_compile="f", nnUNet_extTrainer=with_trainer_folder(os.environ.get("nnUNet_extTrainer")),
+               nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path), nnUNet_results=str(tmp_path),
+               OMP_NUM_THREADS="1")
+    stock = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(images),
+                            "-o", str(stock_out), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1",
+                            "-nps", "1"], env=env, capture_output=True, text=True, timeout=500)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    code = cli_main(["predict-onnx", "-i", str(images), "-o", str(onnx_out), "-m", str(folder),
+                     "--onnx", str(onnx_path), "--fold", "0", "-npp", "0", "-nps", "0", "--threads", "1"])
+    assert code == 0
+    cases = sorted(p.name for p in stock_out.glob("*.nii.gz"))
+    assert cases == ["hippo_000.nii.gz", "hippo_001.nii.gz"]
+    assert sorted(p.name for p in onnx_out.glob("*.nii.gz")) == cases
+    for case in cases:
+        a, b = _read_labels(stock_out / case), _read_labels(onnx_out / case)
+        assert a.shape == b.shape
+        assert (a == b).mean() >= 0.999, f"{case}: {(a != b).sum()} of {a.size} voxels differ"
+        assert len(np.unique(a)) >= 2  # a real segmentation, not one constant label
+
+
+def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk.export import onnx_predictor
+    from nnunet_lk.training.trainers import nnUNetTrainerDLKUNetS
+    plans = _plans()
+    pm = PlansManager(plans)
+    two_channel = nnUNetTrainerDLKUNetS.build_network_architecture(pm, pm.get_configuration("2d"), 2, 3, True)
+    folder = make_model_folder(tmp_path, "nnUNetTrainerDLKUNetS", plans, two_channel)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["channel_names"] = {"0": "T1", "1": "T2"}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ExportError, match="takes 1 input channels but .* expects 2"):
+        onnx_predictor(str(folder), str(exported[1]), 0)
+
+
+# ---- stock nnU-Net (slow) ----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stock_nnunet_model_exports(tmp_path, capsys):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = json.loads((FIXTURES / "hippocampus_plans.json").read_text())
+    plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8]
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
+    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net)
+    out = tmp_path / "stock.onnx"
+    assert cli_main(["export", str(folder), "-f", "0", "-o", str(out)]) == 0
+    assert "max abs difference" in capsys.readouterr().out
+    info = json.loads(Path(sidecar_path(str(out))).read_text())
+    assert info["size_multiple"] == [8, 8] and info["trainer"] == "nnUNetTrainer"
+    _check_exported(load_fold(str(folder), 0).network, str(out), 1, 2)
