@@ -158,7 +158,7 @@ class AlignedCore(nn.Module):
             features.append(x)
         skips = net.skip_fusion(features) if net.skip_fusion is not None else features[:-1]
         x = net.bottleneck(features) if net.bottleneck is not None else features[-1]
-        return net.decoder(x, skips)[-1 if net.decoder.deep_supervision else 0]
+        return net.decoder(x, skips)[0]  # the full-resolution logits (first with deep supervision too)
 
 
 def _example_size(multiple: Sequence[int], patch_size: Optional[Sequence[int]]) -> List[int]:
@@ -403,12 +403,19 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
     path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)
     if os.path.isfile(path):
         read_checkpoint(path)  # a clear error for a truncated/foreign file before nnU-Net's own load
-    os.environ["nnUNet_compile"] = "f"  # nothing to compile: the network is onnxruntime
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    with contextlib.redirect_stdout(sys.stderr):
-        predictor.initialize_from_trained_model_folder(results_folder, (fold_name,), checkpoint_name)
+    previous = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "f"  # nothing to compile: the network will be onnxruntime
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            predictor.initialize_from_trained_model_folder(results_folder, (fold_name,), checkpoint_name)
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_compile", None)
+        else:
+            os.environ["nnUNet_compile"] = previous
     network = OnnxRuntimeNetwork(onnx_path, threads)
     expected = _n_in(predictor)
     channels = network.session.get_inputs()[0].shape[1]

@@ -92,3 +92,17 @@ def test_unknown_trainer_in_stock_cli_gets_a_hint(tmp_path):
     assert "Did you mean nnUNetTrainerDLKUNetL" in proc.stderr
     assert "nnunet-lk doctor" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_non_editable_install_ships_the_scanned_folder_and_presets(tmp_path):
+    # `pip install .` (not -e) must carry trainers/ (as nnunet_lk_ext) and plans/ (as nnunet_lk.presets).
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    names = zipfile.ZipFile(next(tmp_path.glob("nnunet_lk-*.whl"))).namelist()
+    assert "nnunet_lk_ext/nnunet_lk_trainers.py" in names
+    assert "nnunet_lk/presets/lite_3d.json" in names and "nnunet_lk/cli/main.py" in names
