@@ -38,3 +38,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+FULL_TESTS = "NNUNET_LK_FULL_TESTS"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `full` (hours on a 2-core CPU: torch.compile of every backbone, 3D exports, the 3D and
+    Kvasir real-data runs) run only with NNUNET_LK_FULL_TESTS=1; CI and `pytest` skip them."""
+    import os
+    if os.environ.get(FULL_TESTS) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"heavy test: set {FULL_TESTS}=1 to run it")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)

@@ -18,6 +18,7 @@ SIZE = (32, 32)
 
 
 @pytest.mark.slow
+@pytest.mark.full  # about 15 min on 2 cores
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", list_backbones())
 def test_backbone_compiles_and_matches_eager(name, monkeypatch):

@@ -25,10 +25,9 @@ pytestmark = pytest.mark.slow
 EPOCHS, ITERATIONS = 20, 25
 DICE_FLOOR = 0.35  # calibration run: 0.507 on the 10 held-back cases (untrained: about 0.05)
 
-# The other backbones' runs cost several times the DLKUNet run on a 2-core CPU; they run when
-# NNUNET_LK_E2E_FULL=1. Their budgets and floors are first guesses, not yet calibrated on this CPU.
-FULL = os.environ.get("NNUNET_LK_E2E_FULL") == "1"
-full_only = pytest.mark.skipif(not FULL, reason="3D/Kvasir end-to-end runs: set NNUNET_LK_E2E_FULL=1")
+# The 3D and Kvasir-SEG runs are marked `full` (NNUNET_LK_FULL_TESTS=1): their budgets and floors are first
+# guesses, not yet calibrated on this CPU.
+full_only = pytest.mark.full
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +136,12 @@ def test_dlkunet_train_kill_resume_predict_evaluate(hippocampus):
     assert dice >= DICE_FLOOR
 
 
-# (trainer, epochs, iterations, Dice floor)
+# (trainer, epochs, iterations, Dice floor). Calibration on 10 held-back Hippocampus cases, 2d, batch 8:
+# LGMSNet 0.715, LM-Net 0.689, MS-LKSeg (C0=16) 0.239; floors about half of that (untrained: ~0.05).
 HIPPOCAMPUS_2D_RUNS = [
-    ("nnUNetTrainerMSLKSeg", 16, 25, 0.2),
-    ("nnUNetTrainerLMNet", 16, 25, 0.2),
-    ("nnUNetTrainerLGMSNet", 16, 25, 0.2),
+    ("nnUNetTrainerLGMSNet", 16, 25, 0.35),
+    ("nnUNetTrainerLMNet", 16, 25, 0.35),
+    ("nnUNetTrainerMSLKSeg", 16, 25, 0.12),  # learns slowest at this budget: 0.239 in calibration
 ]
 HIPPOCAMPUS_3D_RUNS = [("nnUNetTrainerDLKUNetM", 10, 12, 0.2), ("nnUNetTrainerLGMSNet", 10, 12, 0.2)]
 KVASIR_RUNS = [
@@ -151,7 +151,6 @@ KVASIR_RUNS = [
 ]
 
 
-@full_only
 @pytest.mark.parametrize("trainer,epochs,iterations,floor", HIPPOCAMPUS_2D_RUNS,
                          ids=[r[0] for r in HIPPOCAMPUS_2D_RUNS])
 def test_backbone_on_hippocampus_2d(hippocampus, trainer, epochs, iterations, floor):
@@ -189,8 +188,8 @@ def assert_predictor_uses_fused_kernels(model: Path, cases: Path, env: dict) -> 
         "blocks = [m for m in p.network.modules() if isinstance(m, ReparamDepthwise)]\n"
         "import glob, os\n"
         "case = sorted(glob.glob(os.path.join(sys.argv[2], '*_0000.*')))[0]\n"
-        "p.predict_from_files([[case]], None, save_probabilities=False, num_processes_preprocessing=0,"
-        " num_processes_segmentation_export=0)\n"
+        "import tempfile\n"
+        "p.predict_from_files_sequential([[case]], tempfile.mkdtemp(), False, True, None)\n"
         "ck = torch.load(os.path.join(sys.argv[1], 'fold_0', 'checkpoint_final.pth'), weights_only=False)\n"
         "assert set(p.network.state_dict()) == set(ck['network_weights'])\n"
         "print('REPARAM', len(blocks), sum(b.is_fused for b in blocks))\n")
