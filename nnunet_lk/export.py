@@ -152,13 +152,7 @@ class AlignedCore(nn.Module):
         if not isinstance(net, LKUNet):
             out = net(x)
             return out[0] if isinstance(out, (list, tuple)) else out
-        features = []
-        for stage in net.encoder:
-            x = stage(x)
-            features.append(x)
-        skips = net.skip_fusion(features) if net.skip_fusion is not None else features[:-1]
-        x = net.bottleneck(features) if net.bottleneck is not None else features[-1]
-        return net.decoder(x, skips)[0]  # the full-resolution logits (first with deep supervision too)
+        return net.forward_aligned(x)[0]  # the full-resolution logits (first with deep supervision too)
 
 
 def _example_size(multiple: Sequence[int], patch_size: Optional[Sequence[int]]) -> List[int]:

@@ -124,16 +124,20 @@ class LKUNet(nn.Module):
         nnU-Net's ``1 / cumprod(strides)[:-1]`` for the strides this network really uses."""
         return [[1.0 / c for c in cum] for cum in cumulative_strides(self.level_strides)[:-1]]
 
-    def forward(self, x):
-        size = x.shape[2:]
-        x = pad_end_to_multiple(x, self.size_multiple)
+    def forward_aligned(self, x) -> List[torch.Tensor]:
+        """The network on an input already padded to ``size_multiple``: the decoder's outputs, highest
+        resolution first (one with deep supervision off). Shape logic-free, so exporters can trace it."""
         features = []
         for stage in self.encoder:
             x = stage(x)
             features.append(x)
         skips = self.skip_fusion(features) if self.skip_fusion is not None else features[:-1]
         x = self.bottleneck(features) if self.bottleneck is not None else features[-1]
-        outputs = self.decoder(x, skips)
+        return self.decoder(x, skips)
+
+    def forward(self, x):
+        size = x.shape[2:]
+        outputs = self.forward_aligned(pad_end_to_multiple(x, self.size_multiple))
         if self.decoder.deep_supervision:
             scales = self.deep_supervision_scales
             return [self._crop(o, size, s) for o, s in zip(outputs, scales)]
