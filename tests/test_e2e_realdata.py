@@ -143,11 +143,11 @@ HIPPOCAMPUS_2D_RUNS = [
     ("nnUNetTrainerLMNet", 16, 25, 0.35),
     ("nnUNetTrainerMSLKSeg", 16, 25, 0.12),  # learns slowest at this budget: 0.239 in calibration
 ]
-HIPPOCAMPUS_3D_RUNS = [("nnUNetTrainerDLKUNetM", 10, 12, 0.2), ("nnUNetTrainerLGMSNet", 10, 12, 0.2)]
+HIPPOCAMPUS_3D_RUNS = [("nnUNetTrainerDLKUNetM", 6, 12, 0.2), ("nnUNetTrainerLGMSNet", 6, 12, 0.2)]
 KVASIR_RUNS = [
-    ("nnUNetTrainerLGMSNet", 15, 20, 0.35),
-    ("nnUNetTrainerMSLKSeg", 15, 20, 0.35),
-    ("nnUNetTrainerLMNet", 15, 20, 0.35),
+    ("nnUNetTrainerLGMSNet", 12, 20, 0.35),
+    ("nnUNetTrainerMSLKSeg", 12, 20, 0.35),
+    ("nnUNetTrainerLMNet", 12, 20, 0.35),
 ]
 
 
