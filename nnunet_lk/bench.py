@@ -288,8 +288,12 @@ def _as_list(out):
 
 
 def _measure_in_subprocess(job: dict, timeout: Optional[float]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "nnunet_lk.bench"], input=json.dumps(job), capture_output=True,
-                          text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "nnunet_lk.bench"], input=json.dumps(job),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # one slow network must not lose the others' figures
+        return {"trainer": job["trainer"], "status": "timeout",
+                "reason": f"not measured within --timeout {timeout:g} s; raise --timeout or lower --repeats/--batch"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-3000:]

@@ -80,3 +80,9 @@ def test_bench_lists_unbuildable_backbone_as_skipped(monkeypatch, hippocampus_pl
     assert "- nnUNetTrainerLMNet: skipped: lmnet is a 2D network" in table
     with pytest.raises(ValueError, match="repeats"):
         bench.run_bench(plans, hippocampus_dataset_json, "3d_fullres", repeats=0)
+
+
+def test_a_network_over_the_timeout_is_reported_not_fatal():
+    from nnunet_lk.bench import _measure_in_subprocess
+    r = _measure_in_subprocess({"trainer": "nnUNetTrainer", "sleep_forever": True}, timeout=0.01)
+    assert r["status"] == "timeout" and "--timeout" in r["reason"]
