@@ -189,6 +189,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
                     self.print_to_log_file(f"Note: {BUDGET_ENV[attribute]} sets {attribute}={getattr(self, attribute)}"
                                            f" but the checkpoint was trained with {saved[attribute]}; the loss "
                                            f"schedule follows the new value.")
+        # nnU-Net 2.8.1's load_checkpoint breaks when given a dict, so it reads the file again (resume only).
         super().load_checkpoint(filename_or_checkpoint)
 
 
