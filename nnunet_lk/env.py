@@ -32,48 +32,10 @@ def ensure_environment() -> None:
     """Called at start-up by the .pth hook (and by our own commands)."""
     try:
         os.environ[ENV_VAR] = with_trainer_folder(os.environ.get(ENV_VAR))
-        _install_trainer_hint()
+        from .hints import install_excepthook
+        install_excepthook()
     except Exception:  # never break interpreter start-up
         pass
-
-
-_NOT_FOUND = "Could not find requested nnunet trainer"
-
-
-def trainer_not_found_hint(message: str) -> str:
-    """What to tell a user whose -tr NAME nnU-Net could not find: close nnunet-lk names, and the fix."""
-    import difflib
-    import re
-    match = re.search(rf"{_NOT_FOUND} (\S+)", message)
-    requested = match.group(1) if match else ""
-    from .training.trainers import all_trainers
-    names = sorted(all_trainers())
-    close = difflib.get_close_matches(requested, names, n=3, cutoff=0.6)
-    lines = [f"nnunet-lk: nnU-Net found no trainer named {requested!r}."]
-    if close:
-        lines.append(f"  Did you mean {', '.join(close)}?")
-    lines.append("  `nnunet-lk list` shows every nnunet-lk trainer; `nnunet-lk doctor` checks that nnU-Net finds them")
-    lines.append("  (if it does not: `nnunet-lk env --install` once, or `eval \"$(nnunet-lk env)\"` in this shell).")
-    return "\n".join(lines)
-
-
-def _install_trainer_hint() -> None:
-    """Add our hint under nnU-Net's own "trainer not found" traceback (stock CLIs included)."""
-    import sys
-    previous = sys.excepthook
-    if getattr(previous, "nnunet_lk_hint", False):
-        return
-
-    def hook(exc_type, exc, tb):
-        previous(exc_type, exc, tb)
-        if isinstance(exc, RuntimeError) and str(exc).startswith(_NOT_FOUND):
-            try:
-                print(trainer_not_found_hint(str(exc)), file=sys.stderr)
-            except Exception:
-                pass
-
-    hook.nnunet_lk_hint = True
-    sys.excepthook = hook
 
 
 def shell_lines() -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from nnunet_lk.blocks.reparam import ReparamDepthwise
 from nnunet_lk.cli.main import main as cli_main
@@ -24,8 +23,9 @@ from nnunet_lk.export import (ExportError, export_network, load_fold, max_abs_di
                               size_multiple)
 from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
 from nnunet_lk.training.base import CheckpointError
+from modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
+                         randomise_norm_statistics, save_checkpoint)
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4
 # Smallest widths each backbone's blocks accept (export is about the graph, not capacity).
 TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dict(width=8),
@@ -33,17 +33,6 @@ TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dic
         "mslkseg": dict(width=4, dyconv_kernels=2)}
 PATCH = {2: (56, 40), 3: (40, 56, 40)}  # the Hippocampus plans' patches
 ODD = {2: (37, 29), 3: (21, 27, 19)}  # no multiple of any stride: exercises the padding and crop nodes
-LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
-
-
-def _randomise_norm_statistics(net: nn.Module, seed: int = 0):
-    """Non-trivial BN statistics, as a trained network has, so that folding and export are really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return net
 
 
 # ONNX Conv needs a constant `group`; MS-LKSeg's DynamicConv uses groups=batch, so it exports with batch 1
@@ -82,7 +71,7 @@ CASES = [pytest.param(name, dim, id=f"{name}-{dim}d", marks=([pytest.mark.xfail(
 @pytest.mark.parametrize("name,dim", CASES)
 def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
     torch.manual_seed(0)
-    net = _randomise_norm_statistics(build_backbone(name, dim=dim, input_channels=2, num_classes=3,
+    net = randomise_norm_statistics(build_backbone(name, dim=dim, input_channels=2, num_classes=3,
                                                     **TINY.get(name, {}))).eval()
     path = str(tmp_path / f"{name}.onnx")
     dynamic_batch = export_network(net, path, 2, size_multiple(net), PATCH[dim])
@@ -97,63 +86,12 @@ def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
         assert not any(".branches." in n for n in names)
 
 
-# ---- a fake nnU-Net model folder ---------------------------------------------------------------------------
-def _plans(width=8):
-    plans = json.loads((FIXTURES / "hippocampus_plans.json").read_text())
-    plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": width}}
-    return plans
-
-
-def _dataset_json():
-    return {"channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
-
-
-def _save_checkpoint(path, network, plans, trainer_name, configuration="2d", fold=0):
-    """nnU-Net's checkpoint format (nnUNetTrainer.save_checkpoint)."""
-    torch.save({"network_weights": network.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
-                "logging": {}, "_best_ema": None, "current_epoch": 3,
-                "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
-                              "dataset_json": _dataset_json(), "device": torch.device("cpu")},
-                "trainer_name": trainer_name, "inference_allowed_mirroring_axes": (0, 1)}, path)
-
-
-def make_model_folder(root: Path, trainer_name: str, plans: dict, network: nn.Module, configuration="2d") -> Path:
-    folder = root / plans["dataset_name"] / f"{trainer_name}__{plans['plans_name']}__{configuration}"
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(_dataset_json()))
-    _save_checkpoint(folder / "fold_0" / "checkpoint_final.pth", network, plans, trainer_name, configuration)
-    return folder
-
-
-def _lk_network(plans, width=8, seed=0):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_lk.training.trainers import nnUNetTrainerDLKUNetS
-    pm = PlansManager(plans)
-    torch.manual_seed(seed)
-    # saved as training saves it: deep supervision on
-    net = _randomise_norm_statistics(
-        nnUNetTrainerDLKUNetS.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True), seed)
-    # Untrained logits are tiny (~1e-3) and favour one class; scale and centre the final head on z-scored
-    # input so that every class wins somewhere with clear margins and the label comparison means something.
-    net.eval()
-    head = net.decoder.seg_layers[-1]
-    x = torch.randn(4, 1, 56, 40, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        logits = net(x)[0]
-        scale = 1.0 / logits.std(dim=(0, 2, 3))
-        head.weight *= scale.reshape(-1, *[1] * (head.weight.dim() - 1))
-        head.bias *= scale
-        head.bias -= net(x)[0].mean(dim=(0, 2, 3))
-    return net.train()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A DLKUNet-S (width 8) model folder exported once through the CLI."""
     root = tmp_path_factory.mktemp("results")
-    plans = _plans()
-    folder = make_model_folder(root, "nnUNetTrainerDLKUNetS", plans, _lk_network(plans))
+    plans = fake_plans()
+    folder = make_model_folder(root, "nnUNetTrainerDLKUNetS", plans, dlkunet_s_network(plans))
     out = root / "onnx" / "model.onnx"
     code = cli_main(["export", str(folder), "--fold", "0", "-o", str(out)])
     assert code == 0
@@ -203,11 +141,11 @@ def test_export_errors_are_clear_and_write_nothing(exported, tmp_path, capsys, d
         data = checkpoint.read_bytes()
         checkpoint.write_bytes(data[:len(data) // 2])
     elif damage == "foreign":
-        torch.save({"state_dict": _lk_network(_plans()).state_dict()}, checkpoint)
+        torch.save({"state_dict": dlkunet_s_network(fake_plans()).state_dict()}, checkpoint)
     elif damage == "other_width":
-        _save_checkpoint(checkpoint, _lk_network(_plans(width=16)), _plans(), "nnUNetTrainerDLKUNetS")
+        save_checkpoint(checkpoint, dlkunet_s_network(fake_plans(width=16)), fake_plans(), "nnUNetTrainerDLKUNetS")
     elif damage == "unknown_trainer":
-        _save_checkpoint(checkpoint, _lk_network(_plans()), _plans(), "nnUNetTrainerDoesNotExist")
+        save_checkpoint(checkpoint, dlkunet_s_network(fake_plans()), fake_plans(), "nnUNetTrainerDoesNotExist")
     else:
         fold = "3"
     out = tmp_path / "out" / "model.onnx"
@@ -277,7 +215,7 @@ def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_lk.export import onnx_predictor
     from nnunet_lk.training.trainers import nnUNetTrainerDLKUNetS
-    plans = _plans()
+    plans = fake_plans()
     pm = PlansManager(plans)
     two_channel = nnUNetTrainerDLKUNetS.build_network_architecture(pm, pm.get_configuration("2d"), 2, 3, True)
     folder = make_model_folder(tmp_path, "nnUNetTrainerDLKUNetS", plans, two_channel)
@@ -295,7 +233,7 @@ def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
 def test_stock_nnunet_model_exports(tmp_path, capsys):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans = json.loads((FIXTURES / "hippocampus_plans.json").read_text())
+    plans = json.loads((Path(__file__).parent / "fixtures" / "hippocampus_plans.json").read_text())
     plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8]
     pm = PlansManager(plans)
     torch.manual_seed(0)

@@ -1,0 +1,140 @@
+"""Clear messages under the stock nnU-Net CLIs' own tracebacks.
+
+Users run ``nnUNetv2_train`` / ``nnUNetv2_predict`` directly, so our code cannot wrap them. The ``.pth``
+start-up hook (``env.py``) installs an excepthook instead: nnU-Net's traceback is printed as usual, then a
+short diagnosis that names the problem and the fix. The diagnosis reads the failing frames' locals (which
+folder, fold and checkpoint nnU-Net was loading, which input files it was given) and the files themselves;
+it never writes anything."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from types import TracebackType
+
+PREFIX = "nnunet-lk:"
+_NOT_FOUND = "Could not find requested nnunet trainer"
+
+
+def trainer_not_found_hint(message: str) -> str | None:
+    """What to tell a user whose -tr NAME nnU-Net could not find: close nnunet-lk names, and the fix."""
+    if not message.startswith(_NOT_FOUND):
+        return None
+    import difflib
+    match = re.search(rf"{_NOT_FOUND} (\S+)", message)
+    requested = match.group(1) if match else ""
+    from .training.trainers import all_trainers
+    names = sorted(all_trainers())
+    close = difflib.get_close_matches(requested, names, n=3, cutoff=0.6)
+    lines = [f"{PREFIX} nnU-Net found no trainer named {requested!r}."]
+    if close:
+        lines.append(f"  Did you mean {', '.join(close)}?")
+    lines.append("  `nnunet-lk list` shows every nnunet-lk trainer; `nnunet-lk doctor` checks that nnU-Net finds them")
+    lines.append("  (if it does not: `nnunet-lk env --install` once, or `eval \"$(nnunet-lk env)\"` in this shell).")
+    return "\n".join(lines)
+
+
+def _frames(tb: TracebackType | None) -> dict:
+    """function name -> locals of the innermost frame with that name, along the traceback."""
+    found = {}
+    while tb is not None:
+        found[tb.tb_frame.f_code.co_name] = tb.tb_frame.f_locals
+        tb = tb.tb_next
+    return found
+
+
+def checkpoint_hint(frames: dict) -> str | None:
+    """nnUNetPredictor.initialize_from_trained_model_folder failed while loading a fold's checkpoint."""
+    loading = frames.get("initialize_from_trained_model_folder")
+    if not loading or "f" not in loading or "model_training_output_dir" not in loading:
+        return None
+    folder, fold = loading["model_training_output_dir"], loading["f"]
+    name = loading.get("checkpoint_name", "checkpoint_final.pth")
+    path = os.path.join(folder, f"fold_{fold}", name)
+    fold_dir = os.path.dirname(path)
+    if not os.path.isfile(path):
+        present = sorted(p for p in os.listdir(fold_dir) if p.endswith(".pth")) if os.path.isdir(fold_dir) else []
+        return (f"{PREFIX} {path} does not exist. Checkpoints in that fold: {present or 'none'}. Fix: finish the "
+                f"training (nnUNetv2_train ... --c), pick another with -chk, or leave out folds that have none (-f).")
+    from .training.base import CheckpointError, read_checkpoint
+    try:
+        read_checkpoint(path)
+    except CheckpointError as e:
+        return (f"{PREFIX} cannot use fold {fold}'s checkpoint: {e}\n  Nothing was written. Other checkpoints of "
+                f"that fold can be chosen with -chk (e.g. checkpoint_best.pth); `nnUNetv2_train ... --c` resumes "
+                f"from checkpoint_latest.pth.")
+    return None
+
+
+def _channel_indices(folder: str, ending: str) -> dict:
+    """case id -> sorted channel indices, from nnU-Net's CASE_XXXX<ending> file names."""
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
+    cases: dict = {}
+    for name in os.listdir(folder):
+        m = pattern.match(name)
+        if m:
+            cases.setdefault(m.group(1), []).append(int(m.group(2)))
+    return {case: sorted(ch) for case, ch in cases.items()}
+
+
+def channel_hint(frames: dict) -> str | None:
+    """The input cases of nnUNetv2_predict do not have the channels the model was trained with."""
+    for function in ("predict_from_files", "predict_from_files_sequential"):
+        local = frames.get(function)
+        if local and "self" in local:
+            break
+    else:
+        return None
+    predictor, given = local["self"], local.get("list_of_lists_or_source_folder")
+    dataset_json = getattr(predictor, "dataset_json", None)
+    if not isinstance(dataset_json, dict) or "channel_names" not in dataset_json:
+        return None
+    expected = sorted(int(c) for c in dataset_json["channel_names"])
+    ending = dataset_json.get("file_ending", "")
+    if isinstance(given, str) and os.path.isdir(given):
+        per_case = _channel_indices(given, ending)
+    elif isinstance(given, list):
+        suffix = len("_0000" + ending)  # case id = first file name without _XXXX<ending>
+        per_case = {os.path.basename(files[0])[:-suffix]: list(range(len(files))) for files in given if files}
+    else:
+        return None
+    wrong = {case: ch for case, ch in per_case.items() if ch != expected}
+    if not wrong:
+        return None
+    examples = ", ".join(f"{case} has {ch}" for case, ch in sorted(wrong.items())[:3])
+    names = ", ".join(f"{int(c):04d}={n}" for c, n in sorted(dataset_json["channel_names"].items(),
+                                                                key=lambda kv: int(kv[0])))
+    return (f"{PREFIX} the input cases do not have the channels this model was trained with: it expects channels "
+            f"{expected} ({names}), one file CASE_XXXX{ending} per channel, but {len(wrong)} of {len(per_case)} "
+            f"cases differ ({examples}).\n  Fix: give every case exactly those channel files, in the training "
+            f"order; a model for other channels needs its own dataset and training. Predictions already written "
+            f"are kept.")
+
+
+def hints(exc: BaseException, tb: TracebackType | None) -> list:
+    frames = _frames(tb)
+    found = []
+    for make in (lambda: trainer_not_found_hint(str(exc)) if isinstance(exc, RuntimeError) else None,
+                 lambda: checkpoint_hint(frames), lambda: channel_hint(frames)):
+        try:
+            message = make()
+        except Exception:  # a diagnosis must never hide nnU-Net's own error
+            message = None
+        if message:
+            found.append(message)
+    return found
+
+
+def install_excepthook() -> None:
+    """Print our diagnosis under nnU-Net's own traceback (stock CLIs included); idempotent."""
+    previous = sys.excepthook
+    if getattr(previous, "nnunet_lk_hint", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        for message in hints(exc, tb):
+            print(message, file=sys.stderr)
+
+    hook.nnunet_lk_hint = True
+    sys.excepthook = hook
