@@ -1,0 +1,96 @@
+"""`nnunet-lk ablate --run` end to end on real data (issue 6): it trains the missing (trainer, fold) pairs of
+all five folds through the stock nnUNetv2_train (stock nnU-Net on the same budget, and LGMSNet), reads
+nnU-Net's validation results, runs nnUNetv2_find_best_configuration with ensembling, and a second call
+trains nothing. Then the two trainers' 5-fold models are ensembled at prediction time with the stock
+nnUNetv2_predict --save_probabilities + nnUNetv2_ensemble.
+
+The budget is tiny (1 epoch x 2 iterations): this tests the wiring, not accuracy (README's results tables
+and benchmarks/ carry the accuracy figures)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from realdata import make_subset, nnunet_env, run
+
+pytestmark = pytest.mark.slow
+
+TRAINERS = ["nnUNetTrainerStockBudget", "nnUNetTrainerLGMSNet"]
+N_TRAIN = 15  # three validation cases per fold
+
+
+@pytest.fixture(scope="module")
+def small_hippocampus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hippocampus_5fold")
+    make_subset("Dataset004_Hippocampus", root, n_train=N_TRAIN, n_test=2, seed=1)
+    env = nnunet_env(root)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "4"], env)
+    return root, env
+
+
+def test_ablate_run_five_folds_find_best_and_ensemble(small_hippocampus):
+    root, env = small_hippocampus
+    env = dict(env, nnUNet_n_proc_DA="1")
+    out = root / "ablation"
+    cmd = ["nnunet-lk", "ablate", "-d", "4", "-c", "2d", "-p", "nnUNetPlans_cpu", "--run", "--trainers", *TRAINERS,
+           "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--latency-repeats", "1",
+           "-o", out]
+    first = run(cmd, env, timeout=3000)
+    results = root / "results" / "Dataset004_Hippocampus"
+    for t in TRAINERS:
+        for f in range(5):
+            fold = results / f"{t}__nnUNetPlans_cpu__2d" / f"fold_{f}"
+            assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+            assert len(list((fold / "validation").glob("*.npz"))) == 3  # --npz: what ensembling needs
+        assert f"{t} fold 4" in first.stderr  # progress shown per pair
+
+    record = json.loads((out / "ablate_results.json").read_text())
+    assert record["baseline"] == "nnUNetTrainerStockBudget"
+    for t in TRAINERS:
+        assert record["trainers"][t]["folds"] == [0, 1, 2, 3, 4]
+        assert record["trainers"][t]["params"] > 0 and record["trainers"][t]["macs"] > 0
+    with open(out / "ablate_cases.csv") as f:
+        cases = list(csv.DictReader(f))
+    assert {(r["trainer"], r["case"]) for r in cases} == {(t, c) for t in TRAINERS for c in {r["case"] for r in cases}}
+    assert len({r["case"] for r in cases}) == N_TRAIN  # every training case validated exactly once over the folds
+    assert all(0.0 <= float(r["Dice"]) <= 1.0 for r in cases if r["Dice"] not in ("", "nan"))
+    # the reference is never empty, so Dice is finite on every case: all of them are paired
+    dice_test = [s for s in record["wilcoxon"] if s["metric"] == "Dice" and s["class"] == "mean"]
+    assert [(s["trainer"], s["n"]) for s in dice_test] == [("nnUNetTrainerLGMSNet", N_TRAIN)]
+
+    best = record["find_best_configuration"]
+    assert best is not None and best["returncode"] == 0, best
+    assert sorted(best["trainers"]) == sorted(TRAINERS)
+    assert "--disable_ensembling" not in best["command"]
+    assert (results / "inference_instructions.txt").is_file()
+    assert any((results / "ensembles").iterdir())  # the 2-model ensemble was cross-validated
+    assert "ablate_report.md" in {p.name for p in out.iterdir()}
+
+    # resuming: everything is trained and validated, so a second --run trains nothing
+    stamps = {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")}
+    second = run(cmd + ["--no-find-best"], env, timeout=1200)
+    assert "already trained and validated" in second.stderr
+    assert {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")} == stamps
+
+    # ensembling at prediction time with the stock CLIs, 5 folds per trainer
+    outputs = []
+    for t in TRAINERS:
+        pred = root / f"pred_{t}"
+        run(["nnUNetv2_predict", "-i", root / "new_cases", "-o", pred, "-d", "4", "-c", "2d", "-tr", t,
+             "-p", "nnUNetPlans_cpu", "-f", "0", "1", "2", "3", "4", "--save_probabilities", "-device", "cpu",
+             "-npp", "0", "-nps", "0", "--disable_progress_bar"], env)
+        outputs.append(pred)
+    ensemble = root / "ensemble"
+    run(["nnUNetv2_ensemble", "-i", *outputs, "-o", ensemble, "-np", "1"], env)
+    segs = sorted(ensemble.glob("*.nii.gz"))
+    assert len(segs) == 2
+    for seg in segs:
+        labels = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(seg))))
+        assert set(labels.tolist()) <= {0, 1, 2}
+        reference = sitk.ReadImage(str(root / "new_cases_gt" / seg.name))
+        assert sitk.ReadImage(str(seg)).GetSize() == reference.GetSize()
