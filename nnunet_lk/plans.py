@@ -13,7 +13,6 @@ import os
 from importlib import resources
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from .networks import get_backbone
 from .networks.unet import NetworkConfigError
@@ -89,6 +88,34 @@ def load_preset(name_or_path: str) -> dict:
     return json.loads(path.read_text())
 
 
+def replan_topology(config: dict, patch_size: List[int]) -> dict:
+    """The configuration's ``architecture`` re-planned for ``patch_size`` the way nnU-Net's experiment
+    planner plans it (its own ``get_pool_and_conv_props``: pool while the bottleneck stays >= 4 voxels an
+    axis, respecting the spacing's anisotropy). Keeping a 640² plan's 8 stages on a 128² patch would leave
+    1×1 bottlenecks and, for backbones that pad to their stride, 4× the work."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(config["spacing"], patch_size, 4, 999999)
+    planned_patch = [int(p) for p in planned_patch]
+    if planned_patch != list(patch_size):
+        raise NetworkConfigError(
+            f"patch size {list(patch_size)} does not fit the network nnU-Net plans for it: each axis must be a "
+            f"multiple of its total stride. Use --patch {' '.join(map(str, planned_patch))} instead.")
+    arch = copy.deepcopy(config["architecture"])
+    kwargs = arch["arch_kwargs"]
+    n = len(strides)
+
+    def resized(values, length):  # nnU-Net's per-stage lists, truncated or extended with their last value
+        values = list(values)
+        return (values + values[-1:] * length)[:length]
+
+    kwargs.update(n_stages=n, strides=[list(map(int, s)) for s in strides],
+                  kernel_sizes=[list(map(int, k)) for k in kernels],
+                  features_per_stage=resized(kwargs["features_per_stage"], n),
+                  n_conv_per_stage=resized(kwargs["n_conv_per_stage"], n),
+                  n_conv_per_stage_decoder=resized(kwargs["n_conv_per_stage_decoder"], n - 1))
+    return arch
+
+
 def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size: Optional[Sequence[int]] = None,
                  batch_size: Optional[int] = None, backbone_opts: Optional[Dict[str, dict]] = None,
                  preset: Optional[dict] = None) -> dict:
@@ -110,17 +137,11 @@ def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size
         if len(patch_size) != len(current):
             raise NetworkConfigError(f"--patch needs {len(current)} values for {configuration!r} (now {current}), "
                                      f"got {list(patch_size)}")
-        strides = config["architecture"]["arch_kwargs"]["strides"] if "architecture" in config \
-            else config["pool_op_kernel_sizes"]
-        total = [int(v) for v in np.prod(np.array(strides), axis=0)]
-        bad = [(a, p, t) for a, (p, t) in enumerate(zip(patch_size, total)) if p % t]
-        if bad:
-            a, p, t = bad[0]
-            raise NetworkConfigError(
-                f"patch size {list(patch_size)}: axis {a} ({p}) is not a multiple of {t}, the total stride of "
-                f"{configuration!r} ({total}); stock nnU-Net and deep supervision need multiples. Try "
-                f"{max(t, p // t * t)} or {(p // t + 1) * t}.")
         target["patch_size"] = [int(p) for p in patch_size]
+        if "architecture" not in config:
+            raise NetworkConfigError(f"configuration {configuration!r} has no 'architecture' (plans older than "
+                                     f"nnU-Net 2.4): its topology cannot be re-planned for a new patch size")
+        target["architecture"] = replan_topology(config, target["patch_size"])
     if batch_size is not None:
         if int(batch_size) < 1:
             raise NetworkConfigError(f"batch size must be >= 1, got {batch_size}")

@@ -17,10 +17,34 @@ def test_derive_keeps_data_and_changes_one_configuration(hippocampus_plans):
 
 
 def test_patch_must_fit_the_strides(hippocampus_plans):
-    with pytest.raises(NetworkConfigError, match="axis 0 \\(50\\) is not a multiple of 8.*Try 48 or 56"):
+    with pytest.raises(NetworkConfigError, match="does not fit.*Use --patch 56 40 instead"):
         derive_plans(hippocampus_plans, "2d", "x", patch_size=[50, 40])
     with pytest.raises(NetworkConfigError, match="needs 2 values"):
         derive_plans(hippocampus_plans, "2d", "x", patch_size=[48, 40, 40])
+
+
+@pytest.mark.parametrize("configuration,patch", [("2d", [56, 40]), ("3d_fullres", [40, 56, 40])])
+def test_replanning_the_planned_patch_reproduces_nnunets_topology(hippocampus_plans, configuration, patch):
+    derived = derive_plans(hippocampus_plans, configuration, "x", patch_size=patch)
+    assert derived["configurations"][configuration] == hippocampus_plans["configurations"][configuration]
+
+
+def test_smaller_patch_gets_fewer_stages_as_nnunet_would_plan(hippocampus_plans):
+    # 24x32x24: two pools keep 24 at >= 4 voxels (24/8 = 3 would not); nnU-Net pools all axes together here
+    derived = derive_plans(hippocampus_plans, "3d_fullres", "x", patch_size=[24, 32, 24])
+    arch = derived["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == 3 and arch["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+    assert arch["kernel_sizes"] == [[3, 3, 3]] * 3
+    assert arch["features_per_stage"] == [32, 64, 128]
+    assert len(arch["n_conv_per_stage"]) == 3 and len(arch["n_conv_per_stage_decoder"]) == 2
+    # the network nnU-Net builds from it runs on that patch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk.training.trainers import nnUNetTrainerLGMSNet
+    import torch
+    pm = PlansManager(derived)
+    net = nnUNetTrainerLGMSNet.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, True)
+    outputs = net(torch.randn(1, 1, 24, 32, 24))
+    assert [tuple(o.shape[2:]) for o in outputs] == [(24, 32, 24), (12, 16, 12)]  # one per decoder stage
 
 
 def test_unknown_backbone_or_option_in_derived_plans(hippocampus_plans):

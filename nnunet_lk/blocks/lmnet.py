@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..errors import NetworkConfigError
-from .ops import anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, pointwise_conv, same_padding
+from .ops import adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, pointwise_conv, same_padding
 from .reparam import ReparamDepthwise
 
 
@@ -308,8 +308,7 @@ class PyramidPoolBottleneck(nn.Module):
     @staticmethod
     def pyramid_pool(features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[-1].shape[2:]
-        pool = F.adaptive_avg_pool2d if features[-1].dim() == 4 else F.adaptive_avg_pool3d
-        return torch.cat([pool(f, size) for f in features[:-1]] + [features[-1]], dim=1)
+        return torch.cat([adaptive_avg_pool(f, size) for f in features[:-1]] + [features[-1]], dim=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.gft(self.pyramid_pool(features))

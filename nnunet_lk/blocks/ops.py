@@ -109,3 +109,20 @@ def depthwise_conv(conv_op, channels: int, kernel: IntOrSeq, dilation: IntOrSeq 
 
 def pointwise_conv(conv_op, cin: int, cout: int, bias: bool = True) -> nn.Module:
     return conv_op(cin, cout, kernel_size=1, bias=bias)
+
+
+def adaptive_avg_pool(x, size: Sequence[int]):
+    """``F.adaptive_avg_pool{2,3}d(x, size)`` as one averaging matrix per spatial axis (the bins are boxes,
+    so the average is separable). Same bins as torch (start = floor(i·L/n), end = ceil((i+1)·L/n)); unlike
+    torch's 3D op it exports to ONNX with dynamic spatial axes."""
+    import torch
+    for axis, n in enumerate(size, start=2):
+        length = x.shape[axis]
+        i = torch.arange(n, device=x.device)
+        start = (i * length) // n
+        end = ((i + 1) * length + n - 1) // n
+        j = torch.arange(length, device=x.device)
+        inside = ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).to(x.dtype)
+        weights = inside / inside.sum(dim=1, keepdim=True)  # (n, length)
+        x = torch.matmul(x.movedim(axis, -1), weights.t()).movedim(-1, axis)
+    return x
