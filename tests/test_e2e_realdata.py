@@ -155,12 +155,21 @@ def test_dlkunet_train_kill_resume_predict_evaluate(hippocampus):
 
 # (trainer, epochs, iterations, Dice floor). Calibration on 10 held-back Hippocampus cases, 2d, batch 8:
 # LGMSNet 0.715, LM-Net 0.689, MS-LKSeg (C0=16) 0.239; floors about half of that (untrained: ~0.05).
+# Runs marked `full` (NNUNET_LK_FULL_TESTS=1) are left out of CI for time: CI runs each backbone's
+# required datasets once (LGMSNet: 3D and Kvasir).
+full = pytest.mark.full
 HIPPOCAMPUS_2D_RUNS = [
-    ("nnUNetTrainerLGMSNet", 16, 25, 0.35),
-    ("nnUNetTrainerLMNet", 16, 25, 0.35),
-    ("nnUNetTrainerMSLKSeg", 16, 25, 0.12),  # learns slowest at this budget: 0.239 in calibration
+    pytest.param("nnUNetTrainerLGMSNet", 16, 25, 0.35, marks=full, id="nnUNetTrainerLGMSNet"),
+    pytest.param("nnUNetTrainerLMNet", 16, 25, 0.35, id="nnUNetTrainerLMNet"),
+    # learns slowest at this budget: 0.239 in calibration
+    pytest.param("nnUNetTrainerMSLKSeg", 16, 25, 0.12, id="nnUNetTrainerMSLKSeg"),
 ]
-HIPPOCAMPUS_3D_RUNS = [("nnUNetTrainerLGMSNet", 6, 15, 0.2), ("nnUNetTrainerDLKUNetM", 6, 15, 0.2)]
+# 3d_fullres, CPU plans (patch 24x32x24, batch 2), 8 held-back cases: LGMSNet 0.428 (~50 s an epoch here).
+# DLKUNet-M is as slow per epoch and still at Dice 0 after 2 epochs: full-only, floor not calibrated.
+HIPPOCAMPUS_3D_RUNS = [
+    pytest.param("nnUNetTrainerLGMSNet", 6, 15, 0.2, id="nnUNetTrainerLGMSNet"),
+    pytest.param("nnUNetTrainerDLKUNetM", 6, 15, 0.2, marks=full, id="nnUNetTrainerDLKUNetM"),
+]
 KVASIR_RUNS = [
     ("nnUNetTrainerLGMSNet", 10, 20, 0.35),
     ("nnUNetTrainerMSLKSeg", 8, 20, 0.35),
@@ -168,8 +177,7 @@ KVASIR_RUNS = [
 ]
 
 
-@pytest.mark.parametrize("trainer,epochs,iterations,floor", HIPPOCAMPUS_2D_RUNS,
-                         ids=[r[0] for r in HIPPOCAMPUS_2D_RUNS])
+@pytest.mark.parametrize("trainer,epochs,iterations,floor", HIPPOCAMPUS_2D_RUNS)
 def test_backbone_on_hippocampus_2d(hippocampus, trainer, epochs, iterations, floor):
     root, env = hippocampus
     dice = train_predict_evaluate(root, env, "4", "Dataset004_Hippocampus", "2d", trainer, epochs, iterations)

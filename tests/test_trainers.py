@@ -172,3 +172,39 @@ def test_nan_loss_stops_with_epoch_and_iteration(hippocampus_plans, hippocampus_
     target = [torch.zeros(2, 1, 56, 40), torch.zeros(2, 1, 28, 20)]
     with pytest.raises(FloatingPointError, match="epoch 3, iteration 2.*checkpoints already written were kept"):
         trainer.train_step({"data": data, "target": target})
+
+
+@pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("on", True), ("0", False), ("off", False)])
+def test_validation_mirroring_switch(monkeypatch, value, enabled):
+    from nnunet_lk.training.base import validate_with_budget_mirroring, validation_mirroring_enabled
+    if value is None:
+        monkeypatch.delenv("NNUNET_LK_VAL_MIRRORING", raising=False)
+    else:
+        monkeypatch.setenv("NNUNET_LK_VAL_MIRRORING", value)
+    assert validation_mirroring_enabled() is enabled
+
+    class Trainer:  # what validate_with_budget_mirroring touches on nnU-Net's trainer
+        inference_allowed_mirroring_axes = (0, 1)
+        logged = []
+
+        def print_to_log_file(self, message):
+            self.logged.append(message)
+
+    trainer, seen = Trainer(), []
+    validate_with_budget_mirroring(trainer, lambda probabilities: seen.append(trainer.inference_allowed_mirroring_axes),
+                                   False)
+    assert seen == [(0, 1) if enabled else None]
+    assert trainer.inference_allowed_mirroring_axes == (0, 1)  # restored: checkpoints keep the trained axes
+
+
+def test_validation_mirroring_bad_value(monkeypatch):
+    from nnunet_lk.training.base import validation_mirroring_enabled
+    monkeypatch.setenv("NNUNET_LK_VAL_MIRRORING", "maybe")
+    with pytest.raises(ValueError, match="use 0 \\(off\\) or 1"):
+        validation_mirroring_enabled()
+
+
+def test_stock_budget_trainer_and_ours_route_validation_through_the_switch():
+    from nnunet_lk.training.stock import nnUNetTrainerStockBudget
+    for cls in (nnUNetTrainerStockBudget, nnUNetTrainerDLKUNetM):
+        assert "validate_with_budget_mirroring" in cls.perform_actual_validation.__code__.co_names

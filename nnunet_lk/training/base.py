@@ -51,6 +51,32 @@ def _env_int(name: str) -> Optional[int]:
     return parsed
 
 
+VALIDATION_MIRRORING_ENV = "NNUNET_LK_VAL_MIRRORING"
+
+
+def validation_mirroring_enabled() -> bool:
+    """``NNUNET_LK_VAL_MIRRORING=0``: the validation that ends nnUNetv2_train runs without test-time
+    mirroring (4x faster in 2D, 8x in 3D; for tests on a CPU). Checkpoints and later predictions keep the
+    trained mirroring axes: this only changes that one validation."""
+    value = os.environ.get(VALIDATION_MIRRORING_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"{VALIDATION_MIRRORING_ENV}={value!r}: use 0 (off) or 1 (on, nnU-Net's default)")
+    return value in ("1", "true", "yes", "on")
+
+
+def validate_with_budget_mirroring(trainer, validate, save_probabilities: bool) -> None:
+    """Run nnU-Net's ``perform_actual_validation`` (``validate``), without mirroring if the budget says so."""
+    if validation_mirroring_enabled():
+        return validate(save_probabilities)
+    axes = trainer.inference_allowed_mirroring_axes
+    trainer.inference_allowed_mirroring_axes = None
+    trainer.print_to_log_file(f"{VALIDATION_MIRRORING_ENV}=0: this validation runs without test-time mirroring")
+    try:
+        return validate(save_probabilities)
+    finally:
+        trainer.inference_allowed_mirroring_axes = axes
+
+
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
     if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel):
@@ -148,6 +174,9 @@ class nnUNetTrainerLK(nnUNetTrainer):
                 f"checkpoint_latest.pth, best: checkpoint_best.pth). Resume with --c after lowering the learning "
                 f"rate, or disable mixed precision/compile (nnUNet_compile=f) if this backbone is unstable in fp16.")
         return result
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        return validate_with_budget_mirroring(self, super().perform_actual_validation, save_probabilities)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _budget(self) -> dict:
