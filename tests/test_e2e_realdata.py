@@ -170,10 +170,12 @@ HIPPOCAMPUS_3D_RUNS = [
     pytest.param("nnUNetTrainerLGMSNet", 6, 15, 0.2, id="nnUNetTrainerLGMSNet"),
     pytest.param("nnUNetTrainerDLKUNetM", 6, 15, 0.2, marks=full, id="nnUNetTrainerDLKUNetM"),
 ]
+# Kvasir-SEG 2d, CPU plans (patch 128², batch 4, 6 stages), 10 held-back images; everything-polyp scores
+# ~0.29, so the floors stay above it. Calibration: LGMSNet 0.571, MS-LKSeg (C0=16) 0.570, LM-Net 0.522.
 KVASIR_RUNS = [
-    ("nnUNetTrainerLGMSNet", 10, 20, 0.35),
-    ("nnUNetTrainerMSLKSeg", 8, 20, 0.35),
-    ("nnUNetTrainerLMNet", 8, 20, 0.35),
+    ("nnUNetTrainerLGMSNet", 10, 20, 0.40),
+    ("nnUNetTrainerMSLKSeg", 8, 20, 0.40),  # calibration 0.570
+    ("nnUNetTrainerLMNet", 8, 20, 0.35),  # calibration 0.522; its pseudo Dice swings most between epochs
 ]
 
 
@@ -217,7 +219,7 @@ def assert_predictor_uses_fused_kernels(model: Path, cases: Path, env: dict) -> 
         assert n_blocks > 0 and n_fused == n_blocks
 
 
-@pytest.mark.parametrize("trainer,epochs,iterations,floor", KVASIR_RUNS)
+@pytest.mark.parametrize("trainer,epochs,iterations,floor", KVASIR_RUNS, ids=[r[0] for r in KVASIR_RUNS])
 def test_backbone_on_kvasir(kvasir, trainer, epochs, iterations, floor):
     root, env = kvasir
     dice = train_predict_evaluate(root, env, "201", "Dataset201_KvasirSEG", "2d", trainer, epochs, iterations,
