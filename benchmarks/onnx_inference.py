@@ -6,7 +6,8 @@ mirroring as configured), so only the network differs:
 - ``pytorch``: the nnunet-lk model folder as ``nnUNetv2_predict`` runs it (eval: re-parameterised);
 - ``onnxruntime``: the same folder with ``predictor.network`` replaced by the exported ONNX model
   (``nnunet-lk export``; exported here first if ``--onnx`` does not exist);
-- ``stock``: a stock nnU-Net model folder (``nnUNetTrainer``) of the same dataset.
+- ``stock``: a stock nnU-Net model folder (``nnUNetTrainer``) of the same dataset, in PyTorch;
+- ``stock_onnxruntime``: that stock model exported the same way, in ONNX Runtime.
 Each case is preprocessed once per model folder (not timed); the timed part is
 ``predict_logits_from_preprocessed_data`` (sliding window over the whole case). Engines are interleaved
 case by case and repeat by repeat, so that load on a shared machine hits them alike. Ratios are medians of
@@ -102,19 +103,27 @@ def main(argv=None) -> int:
     os.environ["nnUNet_compile"] = "f"
     torch.set_num_threads(args.threads)
 
-    onnx_path = args.onnx or os.path.join(fold_folder(args.model, args.fold), "model.onnx")
-    if not os.path.isfile(onnx_path):
-        export_model_folder(args.model, args.fold, onnx_path, checkpoint_name=args.checkpoint,
-                            log=lambda m: print(m, file=sys.stderr))
+    def exported(folder, fold, path=None):
+        path = path or os.path.join(fold_folder(folder, fold), "model.onnx")
+        if not os.path.isfile(path):
+            export_model_folder(folder, fold, path, checkpoint_name=args.checkpoint,
+                                log=lambda m: print(m, file=sys.stderr))
+        return path
 
-    engines = {"pytorch": _predictor(args.model, args.fold, args.checkpoint, args.mirroring)}
-    onnx_predictor = _predictor(args.model, args.fold, args.checkpoint, args.mirroring)
-    onnx_predictor.network = OnnxRuntimeNetwork(onnx_path, threads=args.threads)
-    onnx_predictor.list_of_parameters = [None]
-    engines["onnxruntime"] = onnx_predictor
+    def onnx_engine(folder, fold, path):
+        predictor = _predictor(folder, fold, args.checkpoint, args.mirroring)
+        predictor.network = OnnxRuntimeNetwork(path, threads=args.threads)
+        predictor.list_of_parameters = [None]
+        return predictor
+
+    onnx_path = exported(args.model, args.fold, args.onnx)
+    engines = {"pytorch": _predictor(args.model, args.fold, args.checkpoint, args.mirroring),
+               "onnxruntime": onnx_engine(args.model, args.fold, onnx_path)}
     if args.stock:
+        # stock nnU-Net in both engines too, so that "ours in ONNX vs stock" is not an engine comparison
         stock_fold = args.stock_fold if args.stock_fold is not None else args.fold
         engines["stock"] = _predictor(args.stock, stock_fold, args.checkpoint, args.mirroring)
+        engines["stock_onnxruntime"] = onnx_engine(args.stock, stock_fold, exported(args.stock, stock_fold))
 
     dataset_json = engines["pytorch"].dataset_json
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
@@ -140,7 +149,8 @@ def main(argv=None) -> int:
     ratios = {"onnxruntime/pytorch": median_of("onnxruntime") / median_of("pytorch")}
     if "stock" in engines:
         ratios["pytorch/stock"] = median_of("pytorch") / median_of("stock")
-        ratios["onnxruntime/stock"] = median_of("onnxruntime") / median_of("stock")
+        ratios["onnxruntime/stock_onnxruntime"] = median_of("onnxruntime") / median_of("stock_onnxruntime")
+        ratios["stock_onnxruntime/stock"] = median_of("stock_onnxruntime") / median_of("stock")
     import onnxruntime
     result = {
         "what": "CPU seconds per case of nnUNetPredictor.predict_logits_from_preprocessed_data (sliding window), "

@@ -289,12 +289,17 @@ def max_abs_difference(network: nn.Module, session, shapes: Sequence[Sequence[in
     return diffs
 
 
-def check_shapes(num_input_channels: int, patch_size: Sequence[int], multiple: Sequence[int], batch: int = 2
-                 ) -> List[List[int]]:
-    """The plans' patch (batch ``batch``) and a smaller size that is no multiple of the network's (padding)."""
-    odd = [max(1, int(p) // 2 + (1 if m > 1 else 0)) for p, m in zip(patch_size, multiple)]
-    odd = [o + 1 if (m > 1 and o % m == 0) else o for o, m in zip(odd, multiple)]
-    return [[batch, num_input_channels, *map(int, patch_size)], [1, num_input_channels, *odd]]
+def check_shapes(num_input_channels: int, patch_size: Sequence[int], multiple: Sequence[int], batch: int = 2,
+                 pads_inside: bool = True) -> List[List[int]]:
+    """The plans' patch (batch ``batch``) and a smaller size: no multiple of the network's where it pads
+    inside (our backbones), else the largest multiple of the total stride at about half the patch (stock
+    nnU-Net's network only runs on multiples; nnU-Net's sliding window only gives it the patch)."""
+    if pads_inside:
+        other = [max(1, int(p) // 2 + (1 if m > 1 else 0)) for p, m in zip(patch_size, multiple)]
+        other = [o + 1 if (m > 1 and o % m == 0) else o for o, m in zip(other, multiple)]
+    else:
+        other = [max(int(m), (int(p) // 2) // int(m) * int(m)) for p, m in zip(patch_size, multiple)]
+    return [[batch, num_input_channels, *map(int, patch_size)], [1, num_input_channels, *other]]
 
 
 # ---- the sidecar -----------------------------------------------------------------------------------------
@@ -351,12 +356,15 @@ def export_model_folder(results_folder: str, fold, output: str, checkpoint_name:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     dynamic_batch = export_network(loaded.network, output, loaded.num_input_channels, multiple, cm.patch_size,
                                    opset, log=log)
-    shapes = check_shapes(loaded.num_input_channels, cm.patch_size, multiple, batch=2 if dynamic_batch else 1)
+    from .networks.unet import LKUNet
+    shapes = check_shapes(loaded.num_input_channels, cm.patch_size, multiple, batch=2 if dynamic_batch else 1,
+                          pads_inside=isinstance(loaded.network, LKUNet))
     diffs = max_abs_difference(loaded.network, ort_session(output), shapes)
     for shape, diff in zip(shapes, diffs):
         log(f"onnxruntime vs PyTorch, input {shape}: max abs difference {diff:.3e} (tolerance {tolerance:.0e})")
     info = sidecar(loaded, multiple, results_folder, fold_name, diffs, tolerance)
     info["dynamic_batch"] = dynamic_batch
+    info["check"]["shapes"] = shapes
     with open(sidecar_path(output), "w") as f:
         json.dump(info, f, indent=2)
     if max(diffs) > tolerance:
