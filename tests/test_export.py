@@ -229,7 +229,6 @@ def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
 # ---- stock nnU-Net (slow) ----------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.slow  # ~20 s here
 def test_stock_nnunet_model_exports(tmp_path, capsys):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
