@@ -39,3 +39,9 @@ def summarize_network(name: str, *, dim: int, input_channels: int, num_classes: 
         "params_without_ds_heads": count_parameters(network, deep_supervision_heads=False),
         "macs": count_macs(network, (1, input_channels, *patch_size)),
     }
+
+
+def default_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu`` (the default of --device in bench and ablate)."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,7 @@ def cmd_ablate(args) -> int:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 
     from .. import ablate as ab
-    from ..bench import dataset_name
+    from ..analysis import default_device
     for var, value in (("nnUNet_results", nnUNet_results), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value:
             raise ValueError(f"{var} is not set; export nnU-Net's folders first")
@@ -21,7 +21,7 @@ def cmd_ablate(args) -> int:
     trainers = args.trainers
     if args.run:
         trainers = trainers or ab.default_run_trainers()
-        device = args.device or ("cuda" if _cuda() else "cpu")
+        device = args.device or default_device()
         if args.epochs is None and args.iterations is None:
             _log("warning: --run without --epochs/--iterations trains nnU-Net's full budget (1000 x 250)")
         records = ab.run_missing(args.dataset, args.configuration, args.plans, trainers, folds, epochs=args.epochs,
@@ -44,10 +44,6 @@ def cmd_ablate(args) -> int:
         _log(f"wrote {p}")
     return 1 if failed or not abl.rows else 0
 
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def register(subparsers) -> None:

@@ -6,8 +6,9 @@ import sys
 
 def cmd_bench(args) -> int:
     from ..bench import load_plans, run_bench, write_outputs
+    from ..analysis import default_device
     plans, dataset_json, name = load_plans(args.dataset, args.plans)
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = args.device or default_device()
     record = run_bench(plans, dataset_json, args.configuration, trainers=args.trainers, batch=args.batch,
                        warmup=args.warmup, repeats=args.repeats, device=device, threads=args.threads,
                        isolate=not args.in_process, dataset=name, plans_name=args.plans, timeout=args.timeout,
@@ -17,10 +18,6 @@ def cmd_bench(args) -> int:
     print(f"wrote {paths['json']}\nwrote {paths['markdown']}", file=sys.stderr)
     return 0 if any(r["status"] == "ok" for r in record["results"]) else 1
 
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def register(subparsers) -> None:
