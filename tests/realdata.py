@@ -74,6 +74,18 @@ def run(cmd, env, timeout=1800, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def prepared_subset(root: Path, source_name: str, configuration: str, n_train: int, n_test: int, plans_args,
+                    seed: int = 0) -> dict:
+    """A linked subset, nnUNetv2_plan_and_preprocess for one configuration, then `nnunet-lk plans` with
+    ``plans_args`` (a CPU-sized derived plans file). Returns the nnU-Net environment."""
+    make_subset(source_name, root, n_train=n_train, n_test=n_test, seed=seed)
+    env = nnunet_env(root)
+    dataset_id = str(int(source_name[len("Dataset"):len("Dataset") + 3]))
+    run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "2", "-npfp", "2"], env)
+    run(["nnunet-lk", "plans", "-d", dataset_id, "-c", configuration, *plans_args], env)
+    return env
+
+
 def train_env(root: Path, epochs: int, iterations: int, val_iterations: int = 2, **extra) -> dict:
     # nnUNet_n_proc_DA only for training: exported during planning it crashes nnU-Net's VRAM estimate.
     # The validation that ends nnUNetv2_train runs without mirroring (the tests evaluate nnUNetv2_predict's

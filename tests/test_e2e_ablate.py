@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from realdata import make_subset, nnunet_env, run
+from realdata import prepared_subset, run
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,8 @@ N_TRAIN = 15  # three validation cases per fold
 @pytest.fixture(scope="module")
 def small_hippocampus(tmp_path_factory):
     root = tmp_path_factory.mktemp("hippocampus_5fold")
-    make_subset("Dataset004_Hippocampus", root, n_train=N_TRAIN, n_test=2, seed=1)
-    env = nnunet_env(root)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "4"], env)
+    env = prepared_subset(root, "Dataset004_Hippocampus", "2d", N_TRAIN, 2,
+                          ["--name", "nnUNetPlans_cpu", "--batch", "4"], seed=1)
     return root, env
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_lk.losses.schedules import progress, sigmoid_weights
-from realdata import foreground_dice, logged_loss_weights, make_subset, nnunet_env, run, train_env
+from realdata import foreground_dice, logged_loss_weights, prepared_subset, run, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,41 +33,34 @@ FAST_PREDICTION = ("--disable_tta", "-step_size", "1")
 @pytest.fixture(scope="module")
 def hippocampus(tmp_path_factory):
     root = tmp_path_factory.mktemp("hippocampus")
-    make_subset("Dataset004_Hippocampus", root, n_train=60, n_test=10, seed=0)
-    env = nnunet_env(root)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "2d", "-np", "2", "-npfp", "2"], env)
     # CPU-sized derived plans (same preprocessed data): batch 8 instead of the planned 81 for 2d, narrower
     # DLKUNet/MS-LKSeg (the options are recorded in the plans, so nnUNetv2_predict rebuilds the same nets)
-    run(["nnunet-lk", "plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "8",
-         "--option", "dlkunet_m.width=16", "--option", "mslkseg.width=16"], env)
+    env = prepared_subset(root, "Dataset004_Hippocampus", "2d", 60, 10,
+                          ["--name", "nnUNetPlans_cpu", "--batch", "8",
+                           "--option", "dlkunet_m.width=16", "--option", "mslkseg.width=16"])
     return root, env
 
 
 @pytest.fixture(scope="module")
 def hippocampus_3d(tmp_path_factory):
-    # Its own smaller subset: nnUNetv2_train ends by validating its fold with 8-fold mirroring, which
-    # costs ~18 s per 3D case on this CPU.
+    # Its own smaller subset: 3D validation and prediction cost seconds per case on this CPU.
     root = tmp_path_factory.mktemp("hippocampus_3d")
-    make_subset("Dataset004_Hippocampus", root, n_train=25, n_test=8, seed=0)
-    env = nnunet_env(root)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
     # CPU-sized: patch 24x32x24 instead of 40x56x40 (a depthwise-3D training step is ~10x cheaper), batch 2,
     # lite_3d preset (InstanceNorm, DLKUNet C=32)
-    run(["nnunet-lk", "plans", "-d", "4", "-c", "3d_fullres", "--name", "nnUNetPlans_cpu3d", "--patch", "24", "32",
-         "24", "--batch", "2", "--preset", "lite_3d"], env)
+    env = prepared_subset(root, "Dataset004_Hippocampus", "3d_fullres", 25, 8,
+                          ["--name", "nnUNetPlans_cpu3d", "--patch", "24", "32", "24", "--batch", "2",
+                           "--preset", "lite_3d"])
     return root, env
 
 
 @pytest.fixture(scope="module")
 def kvasir(tmp_path_factory):
     root = tmp_path_factory.mktemp("kvasir")
-    make_subset("Dataset201_KvasirSEG", root, n_train=60, n_test=10, seed=0)
-    env = nnunet_env(root)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "201", "-c", "2d", "-np", "2", "-npfp", "2"], env)
     # nnU-Net plans 640x640 at batch 5: far too heavy for a CPU test (the derived plans re-plan the topology
     # for 128x128 as nnU-Net would: 6 stages instead of 8)
-    run(["nnunet-lk", "plans", "-d", "201", "-c", "2d", "--name", "nnUNetPlans_cpu", "--patch", "128", "128",
-         "--batch", "4", "--option", "mslkseg.width=16"], env)
+    env = prepared_subset(root, "Dataset201_KvasirSEG", "2d", 60, 10,
+                          ["--name", "nnUNetPlans_cpu", "--patch", "128", "128", "--batch", "4",
+                           "--option", "mslkseg.width=16"])
     return root, env
 
 
