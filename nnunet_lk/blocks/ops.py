@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence, Type, Union
 
+import torch
 import torch.nn as nn
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -115,7 +116,6 @@ def adaptive_avg_pool(x, size: Sequence[int]):
     """``F.adaptive_avg_pool{2,3}d(x, size)`` as one averaging matrix per spatial axis (the bins are boxes,
     so the average is separable). Same bins as torch (start = floor(i·L/n), end = ceil((i+1)·L/n)); unlike
     torch's 3D op it exports to ONNX with dynamic spatial axes."""
-    import torch
     for axis, n in enumerate(size, start=2):
         length = x.shape[axis]
         i = torch.arange(n, device=x.device)
