@@ -44,8 +44,8 @@ FULL_TESTS = "NNUNET_LK_FULL_TESTS"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `full` (hours on a 2-core CPU: torch.compile of every backbone, 3D exports, the 3D and
-    Kvasir real-data runs) run only with NNUNET_LK_FULL_TESTS=1; CI and `pytest` skip them."""
+    """Tests marked `full` (too heavy for CI on a 2-core CPU: 3D exports, real-data runs of backbones that
+    learn slowly at a CPU budget) run only with NNUNET_LK_FULL_TESTS=1; CI and `pytest` skip them."""
     import os
     if os.environ.get(FULL_TESTS) == "1":
         return

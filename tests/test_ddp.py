@@ -16,11 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from nnunet_lk.networks import build_backbone, list_backbones
+from tiny import TINY_OPTIONS  # this test is about synchronisation, not capacity
 
-# Smallest widths each backbone's blocks accept: this test is about synchronisation, not capacity.
-TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dict(width=8),
-        "lgmsnet": dict(widths=[8] * 6), "lmnet": dict(width=4, heads=4, gft_heads=4),
-        "mslkseg": dict(width=4, dyconv_kernels=2)}
 SIZE = (32, 32)
 WORLD = 2
 
@@ -28,7 +25,7 @@ WORLD = 2
 def _net(name, deep_supervision=True):
     torch.manual_seed(0)
     return build_backbone(name, dim=2, input_channels=1, num_classes=3, deep_supervision=deep_supervision,
-                          **TINY.get(name, {}))
+                          **TINY_OPTIONS[name])
 
 
 def _loss(outputs):

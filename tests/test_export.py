@@ -25,12 +25,9 @@ from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
 from nnunet_lk.training.base import CheckpointError
 from modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
                          randomise_norm_statistics, save_checkpoint)
+from tiny import TINY_OPTIONS  # export is about the graph, not capacity
 
 TOLERANCE = 1e-4
-# Smallest widths each backbone's blocks accept (export is about the graph, not capacity).
-TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dict(width=8),
-        "lgmsnet": dict(widths=[8] * 6), "lmnet": dict(width=4, heads=4, gft_heads=4),
-        "mslkseg": dict(width=4, dyconv_kernels=2)}
 PATCH = {2: (56, 40), 3: (40, 56, 40)}  # the Hippocampus plans' patches
 ODD = {2: (37, 29), 3: (21, 27, 19)}  # no multiple of any stride: exercises the padding and crop nodes
 
@@ -72,7 +69,7 @@ CASES = [pytest.param(name, dim, id=f"{name}-{dim}d", marks=([pytest.mark.xfail(
 def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
     torch.manual_seed(0)
     net = randomise_norm_statistics(build_backbone(name, dim=dim, input_channels=2, num_classes=3,
-                                                    **TINY.get(name, {}))).eval()
+                                                    **TINY_OPTIONS[name])).eval()
     path = str(tmp_path / f"{name}.onnx")
     dynamic_batch = export_network(net, path, 2, size_multiple(net), PATCH[dim])
     assert dynamic_batch == (name not in STATIC_BATCH)

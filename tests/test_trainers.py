@@ -208,3 +208,64 @@ def test_stock_budget_trainer_and_ours_route_validation_through_the_switch():
     from nnunet_lk.training.stock import nnUNetTrainerStockBudget
     for cls in (nnUNetTrainerStockBudget, nnUNetTrainerDLKUNetM):
         assert "validate_with_budget_mirroring" in cls.perform_actual_validation.__code__.co_names
+
+
+def _random_batch(num_classes=3):
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 1, 56, 40, generator=generator)
+    target = torch.randint(0, num_classes, (2, 1, 56, 40), generator=generator).float()
+    return {"data": data, "target": [target, target[:, :, ::2, ::2]]}
+
+
+def _log(trainer) -> str:
+    with open(trainer.log_file) as f:
+        return f.read()
+
+
+def test_mixed_precision_overflow_switches_the_network_to_float32(hippocampus_plans, hippocampus_dataset_json,
+                                                                   nnunet_dirs, tmp_path):
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    trainer.on_train_epoch_start()
+    trainer.grad_scaler = torch.amp.GradScaler("cpu")  # what nnU-Net sets up on CUDA: the mixed-precision path
+    network = trainer.network
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+
+    def fp16_overflow(module, inputs, output):  # an fp16 overflow early in the net, while it is in fp16
+        return output * float("inf") if not network.full_precision else output
+    network.encoder[0].register_forward_hook(fp16_overflow)
+
+    result = trainer.train_step(_random_batch())
+    assert np.isfinite(result["loss"]) and network.full_precision
+    assert "the step was redone in float32" in _log(trainer)
+    after = network.state_dict()
+    assert all(torch.isfinite(v).all() for k, v in after.items() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the float32 step did train
+
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))  # nnUNetv2_predict's strict load keeps float32
+    weights = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["network_weights"]
+    fresh = type(trainer).build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3,
+                                                     enable_deep_supervision=False)
+    fresh.load_state_dict(weights, strict=True)
+    assert fresh.full_precision
+
+
+def test_compile_failure_falls_back_to_eager(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs):
+    from torch._dynamo import OptimizedModule
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    trainer.on_train_epoch_start()
+
+    def broken_backend(graph_module, example_inputs):  # stands in for an inductor failure on some block
+        raise NotImplementedError("no kernel for this block")
+    torch._dynamo.reset()
+    trainer.network = torch.compile(trainer.network, backend=broken_backend)
+    result = trainer.train_step(_random_batch())
+    assert np.isfinite(result["loss"]) and not isinstance(trainer.network, OptimizedModule)
+    assert "torch.compile failed (BackendCompilerFailed" in _log(trainer)
+    assert "no kernel for this block" in _log(trainer)
+    assert "training continues without compilation" in _log(trainer)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NetworkConfigError
-from .ops import anisotropic_kernel, as_tuple, conv_dim, make_norm, same_padding
+from .ops import anisotropic_kernel, conv_dim, make_norm, same_padding
 
 # "instance_plain" is the official 3D code's nn.InstanceNorm3d(c): affine=False, no parameters.
 NORM_KINDS = ("batch", "instance", "instance_plain")

@@ -5,7 +5,10 @@ It owns what nnU-Net needs from a network, so each backbone file only supplies i
 - padding inside ``forward`` to the size the backbone needs, logits cropped back,
 - deep-supervision heads (``decoder.seg_layers``) always built, used only when
   ``decoder.deep_supervision`` is on, outputs highest resolution first,
-- ``deep_supervision_scales`` derived from the strides the network really uses.
+- ``deep_supervision_scales`` derived from the strides the network really uses,
+- ``full_precision``: run in float32 even under autocast (set by the trainer when mixed precision
+  makes the loss non-finite); kept in the state dict only when set, so checkpoints carry it to
+  ``--c`` and to ``nnUNetv2_predict`` while older checkpoints still load strictly.
 """
 from __future__ import annotations
 
@@ -117,6 +120,9 @@ class LKUNet(nn.Module):
         self.total_stride = cumulative_strides(self.level_strides)[-1]
         self.size_multiple = tuple(size_multiple) if size_multiple is not None else self.total_stride
         self.backbone = backbone
+        self.full_precision = False
+        self._register_state_dict_hook(_save_full_precision)
+        self._register_load_state_dict_pre_hook(_load_full_precision, with_module=True)
 
     @property
     def deep_supervision_scales(self) -> List[List[float]]:
@@ -136,6 +142,12 @@ class LKUNet(nn.Module):
         return self.decoder(x, skips)
 
     def forward(self, x):
+        if self.full_precision and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x):
         size = x.shape[2:]
         outputs = self.forward_aligned(pad_end_to_multiple(x, self.size_multiple))
         if self.decoder.deep_supervision:
@@ -150,6 +162,21 @@ class LKUNet(nn.Module):
         if list(x.shape[2:]) == target:
             return x
         return x[(...,) + tuple(slice(0, t) for t in target)]
+
+
+FULL_PRECISION_KEY = "nnunet_lk_full_precision"
+
+
+def _save_full_precision(module, state_dict, prefix, local_metadata):
+    if module.full_precision:
+        state_dict[prefix + FULL_PRECISION_KEY] = torch.tensor(True)
+    return state_dict
+
+
+def _load_full_precision(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    # Popped before strict loading looks for unexpected keys; absent (older checkpoints) means off.
+    module.full_precision = bool(state_dict.pop(prefix + FULL_PRECISION_KEY, torch.tensor(False)))
 
 
 def count_parameters(net: nn.Module, deep_supervision_heads: bool = True) -> int:

@@ -21,6 +21,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
+from torch._dynamo.exc import TorchDynamoException
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..losses.scheduled import StrictDeepSupervisionWrapper, apply_loss_weights
 from ..losses.schedules import get_schedule, progress
@@ -79,11 +81,17 @@ def validate_with_budget_mirroring(trainer, validate, save_probabilities: bool) 
 
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
-    if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel):
+    if isinstance(network, DDP):
         network = network.module
     if isinstance(network, OptimizedModule):
         network = network._orig_mod
     return network
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The backend's own exception inside torch.compile's wrappers."""
+    inner = getattr(error, "inner_exception", None) or error.__cause__
+    return error if inner is None else _root_cause(inner)
 
 
 class CheckpointError(RuntimeError):
@@ -163,17 +171,68 @@ class nnUNetTrainerLK(nnUNetTrainer):
         self.print_to_log_file(f"Loss weights ({self.loss_schedule} schedule, epoch {self.current_epoch} of "
                                f"{self.num_epochs}): dice {weights.dice:.4f}, ce {weights.ce:.4f}")
 
+    # ---- training steps: torch.compile and mixed precision turn themselves off when they fail -----
     def train_step(self, batch: dict) -> dict:
-        result = super().train_step(batch)
         self._iteration = getattr(self, "_iteration", 0) + 1
+        network = unwrap_network(self.network)
+        mixed_precision = self.grad_scaler is not None and not network.full_precision
+        # BatchNorm statistics of a step that overflows in fp16 are poisoned; the grad scaler already skips
+        # its weight update, so keeping these lets the step be redone in float32 as if nothing happened.
+        buffers = [b.detach().clone() for b in network.buffers()] if mixed_precision else None
+        result = self._compiled_or_eager(super().train_step, batch)
+        if mixed_precision and self._any_rank(not np.isfinite(result["loss"]).all()):
+            for saved, buffer in zip(buffers, network.buffers()):
+                buffer.copy_(saved)
+            network.full_precision = True
+            self.print_to_log_file(
+                f"{self.backbone}: the loss was {result['loss']} in mixed precision (epoch {self.current_epoch}, "
+                f"iteration {self._iteration}); the step was redone in float32 and this network now trains in "
+                f"float32 (recorded in its checkpoints, so --c and nnUNetv2_predict keep float32).")
+            result = self._compiled_or_eager(super().train_step, batch)
         if not np.isfinite(result["loss"]).all():
             # Stop before on_epoch_end can write a checkpoint with broken weights.
             raise FloatingPointError(
                 f"{type(self).__name__}: the training loss is {result['loss']} at epoch {self.current_epoch}, "
                 f"iteration {self._iteration}. The checkpoints already written were kept (last complete epoch: "
                 f"checkpoint_latest.pth, best: checkpoint_best.pth). Resume with --c after lowering the learning "
-                f"rate, or disable mixed precision/compile (nnUNet_compile=f) if this backbone is unstable in fp16.")
+                f"rate (initial_lr) or checking the input data for NaN/Inf.")
         return result
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is set on any DDP rank (all ranks must redo a step together)."""
+        if not self.is_ddp:
+            return flag
+        flag = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def validation_step(self, batch: dict) -> dict:
+        return self._compiled_or_eager(super().validation_step, batch)
+
+    def _compiled_or_eager(self, step, batch: dict) -> dict:
+        """Run ``step``; if torch.compile cannot compile this backbone, train on without it and say so."""
+        try:
+            return step(batch)
+        except TorchDynamoException as error:
+            if not self._drop_compilation():
+                raise
+            cause = _root_cause(error)
+            reason = (str(cause).strip().splitlines() or [""])[0][:300]
+            self.print_to_log_file(
+                f"{self.backbone}: torch.compile failed ({type(error).__name__}: {type(cause).__name__}: {reason}); "
+                f"training continues without compilation. Set nnUNet_compile=f to skip the attempt.")
+            return step(batch)
+
+    def _drop_compilation(self) -> bool:
+        """Replace the compiled network by its eager module (inside DDP if used); False if not compiled."""
+        inner = self.network.module if isinstance(self.network, DDP) else self.network
+        if not isinstance(inner, OptimizedModule):
+            return False
+        if isinstance(self.network, DDP):
+            self.network = DDP(inner._orig_mod, device_ids=[self.local_rank])
+        else:
+            self.network = inner._orig_mod
+        return True
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         return validate_with_budget_mirroring(self, super().perform_actual_validation, save_probabilities)
