@@ -3,7 +3,8 @@
 Export (``nnunet-lk export``): the fold's checkpoint is read with ``read_checkpoint`` (clear errors for
 truncated or foreign files), its trainer class is found by nnU-Net's own lookup, and the network is
 built statically with deep supervision off and loaded strictly, exactly as ``nnUNetv2_predict`` does.
-``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv).
+``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv); GroupNorm and
+InstanceNorm are exported as ``AxiswiseGroupNorm`` (same function, accurate in onnxruntime on large maps).
 
 How the graph gets dynamic spatial axes: every network needs spatial sizes that are multiples of its
 total stride (``LKUNet`` pads to ``size_multiple`` inside ``forward``; stock nnU-Net relies on the
@@ -23,6 +24,7 @@ preprocessing, sliding window, mirroring, resampling and export are nnU-Net's ow
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .blocks.ops import with_axiswise_norms
 from .training.base import CheckpointError, read_checkpoint
 
 DEFAULT_TOLERANCE = 1e-4
@@ -244,6 +247,7 @@ def export_network(network: nn.Module, path: str, num_input_channels: int, multi
     core_path = f"{path}.core.tmp"
     tmp = f"{path}.tmp"
     dynamic_batch = True
+    network = with_axiswise_norms(copy.deepcopy(network))  # onnxruntime-accurate norms; caller's net untouched
     try:
         try:
             export_core(network, core_path, num_input_channels, multiple, patch_size, opset)

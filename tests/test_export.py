@@ -53,10 +53,10 @@ def _check_exported(net, path, channels, dim, dynamic_batch=True, tolerance=TOLE
 # Known gaps, kept visible (none at the moment: LM-Net's 3D pyramid pooling used to need torch's
 # adaptive_avg_pool3d, which has no ONNX translation; it now uses nnunet_lk.blocks.ops.adaptive_avg_pool).
 EXPORT_GAPS = {}
-# LGMSNet-3D: ~1e-3..4e-2 on logits of magnitude ~10 (argmax agrees on >= 99.9% of voxels); every other
-# network agrees to ~1e-7. [UNEXPLAINED] suspected: rounding noise amplified by normalisation over the tiny
-# deepest maps of the tiny-width 3D net; needs a look before 3D LGMSNet models are deployed via ONNX.
-LOOSE = {("lgmsnet", 3): 5e-2}
+# LGMSNet-3D (tiny, random weights) amplifies float32 rounding ~600x: PyTorch's own float32 output is
+# ~1.5e-4 from float64. (Before norms were exported axis by axis, onnxruntime's one-pass InstanceNormalization
+# on the 64³ maps put it 6e-2 off; nnunet_lk.blocks.ops.AxiswiseGroupNorm.)
+LOOSE = {("lgmsnet", 3): 1e-3}
 CASES = [pytest.param(name, dim, id=f"{name}-{dim}d", marks=([pytest.mark.xfail(
              strict=True, raises=ExportError, reason=EXPORT_GAPS[(name, dim)])] if (name, dim) in EXPORT_GAPS else [])
              + ([pytest.mark.full] if dim == 3 else []))  # 3D exports: minutes each on 2 cores

@@ -116,6 +116,42 @@ def test_checkpoint_records_budget_and_resume_restores_it(hippocampus_plans, hip
     assert resumed.loss_weights_for_epoch(5) == trainer.loss_weights_for_epoch(5)
 
 
+def test_kill_during_checkpoint_write_keeps_the_last_complete_one(hippocampus_plans, hippocampus_dataset_json,
+                                                                  nnunet_dirs, monkeypatch, tmp_path):
+    import io
+    from nnunet_lk.training import base
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(path)  # the last complete checkpoint: epoch 4 next
+    good = open(path, "rb").read()
+
+    real_save = torch.save
+
+    def killed_mid_write(obj, f):  # half the bytes reach the disk, then the process dies
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt("killed during the checkpoint write")
+    monkeypatch.setattr(base.torch, "save", killed_mid_write)
+    trainer.current_epoch = 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.setattr(base.torch, "save", real_save)
+    assert open(path, "rb").read() == good  # the half-written file is the .tmp, never the checkpoint
+
+    resumed = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    resumed.load_checkpoint(path)  # what --c does
+    assert resumed.current_epoch == 4
+    resumed.save_checkpoint(path)  # the next write replaces the stale .tmp
+    assert not os.path.exists(path + ".tmp") and torch.load(path, weights_only=False)["current_epoch"] == 5
+
+
 def test_unreadable_checkpoint_is_a_clear_error(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, tmp_path):
     from nnunet_lk.training.base import CheckpointError, read_checkpoint
     bad = tmp_path / "checkpoint_final.pth"

@@ -126,3 +126,53 @@ def adaptive_avg_pool(x, size: Sequence[int]):
         weights = inside / inside.sum(dim=1, keepdim=True)  # (n, length)
         x = torch.matmul(x.movedim(axis, -1), weights.t()).movedim(-1, axis)
     return x
+
+
+class AxiswiseGroupNorm(nn.Module):
+    """GroupNorm (InstanceNorm: one group per channel) with its mean and variance reduced one spatial axis
+    at a time: the same function, for export. onnxruntime's InstanceNormalization (what both norms export
+    to) sums each instance in one float32 pass, so its error grows with the voxel count (~10x torch's on a
+    64³ map); short per-axis sums keep it at torch's level."""
+
+    def __init__(self, num_groups: int, weight, bias, eps: float):
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = weight
+        self.bias = bias
+
+    @classmethod
+    def replacing(cls, norm: nn.Module) -> "AxiswiseGroupNorm":
+        if isinstance(norm, nn.GroupNorm):
+            return cls(norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return cls(norm.num_features, norm.weight, norm.bias, norm.eps)
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        ones = (1,) * (x.dim() - 2)
+
+        def group_mean(t):  # over each group's voxels (axis by axis) and channels; one value per channel
+            for axis in range(t.dim() - 1, 1, -1):
+                t = t.mean(axis, keepdim=True)
+            if self.num_groups == c:
+                return t
+            per_group = t.reshape(n, self.num_groups, c // self.num_groups).mean(2, keepdim=True)
+            return per_group.expand(n, self.num_groups, c // self.num_groups).reshape(n, c, *ones)
+
+        centered = x - group_mean(x)
+        y = centered * torch.rsqrt(group_mean(centered * centered) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.reshape(1, c, *ones) + self.bias.reshape(1, c, *ones)
+        return y
+
+
+def with_axiswise_norms(network: nn.Module) -> nn.Module:
+    """``network`` with every GroupNorm and every InstanceNorm that normalises by the input's own statistics
+    replaced in place by an ``AxiswiseGroupNorm`` sharing its parameters (the export form)."""
+    for name, child in network.named_children():
+        instance = isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats
+        if instance or isinstance(child, nn.GroupNorm):
+            setattr(network, name, AxiswiseGroupNorm.replacing(child))
+        else:
+            with_axiswise_norms(child)
+    return network
