@@ -190,35 +190,40 @@ def measure_network(job: dict) -> dict:
     net = net.to(device).eval()
     x = torch.randn(1, n_in, *patch, device=device)
 
-    def latency() -> dict:
-        times = []
-        with torch.inference_mode(), autocast():
-            for i in range(warmup + repeats):
-                sync()
-                start = time.perf_counter()
-                net(x)
-                sync()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-        return timing_stats(times)
-
+    # Forms of the network timed side by side: the inference form, and for re-parameterisable backbones
+    # the unfused branches too, interleaved repeat by repeat so that load and warm-up hit both alike.
+    forms = {"latency_ms": contextlib.nullcontext}
+    if reparams:
+        forms["latency_unfused_ms"] = lambda: unfused(net)
+    times = {key: [] for key in forms}
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    result["latency_ms"] = latency()
-    result["latency_ms_median"] = result["latency_ms"]["median"]
+    with torch.inference_mode(), autocast():
+        net(x)  # the inference form alone first: its memory is what is reported
     if cuda:
         result["inference_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     else:
         result["inference_memory_mib"] = round(_peak_rss_mib() - baseline_rss, 1)
+    with torch.inference_mode(), autocast():
+        for i in range(warmup + repeats):
+            for key, form in forms.items():
+                with form():  # entering/leaving the unfused form is not timed
+                    sync()
+                    start = time.perf_counter()
+                    net(x)
+                    sync()
+                    elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[key].append(elapsed)
+    for key, values in times.items():
+        result[key] = timing_stats(values)
+        result[f"{key}_median"] = result[key]["median"]
     if reparams:
         with torch.inference_mode(), autocast():
             fused_out = net(x)
             with unfused(net):
                 unfused_out = net(x)
         result["fused_vs_unfused_max_abs_diff"] = float((fused_out.float() - unfused_out.float()).abs().max())
-        with unfused(net):
-            result["latency_unfused_ms"] = latency()
-        result["latency_unfused_ms_median"] = result["latency_unfused_ms"]["median"]
     del net, x
 
     # -- one training step, as nnUNetTrainer.train_step: deep supervision on, nnU-Net's loss, SGD, clipping

@@ -3,8 +3,8 @@
 Export (``nnunet-lk export``): the fold's checkpoint is read with ``read_checkpoint`` (clear errors for
 truncated or foreign files), its trainer class is found by nnU-Net's own lookup, and the network is
 built statically with deep supervision off and loaded strictly, exactly as ``nnUNetv2_predict`` does.
-``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv); GroupNorm and
-InstanceNorm are exported as ``AxiswiseGroupNorm`` (same function, accurate in onnxruntime on large maps).
+``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv); on large patches
+GroupNorm and InstanceNorm are exported as ``AxiswiseGroupNorm`` (same function, accurate in onnxruntime).
 
 How the graph gets dynamic spatial axes: every network needs spatial sizes that are multiples of its
 total stride (``LKUNet`` pads to ``size_multiple`` inside ``forward``; stock nnU-Net relies on the
@@ -236,6 +236,18 @@ def wrap_pad_and_crop(core_path: str, path: str, multiple: Sequence[int]) -> Non
     onnx.save(model, path)
 
 
+# onnxruntime's InstanceNormalization (GroupNorm's export too) sums each instance in one float32 pass: as exact
+# as torch on small maps, ~100x less on a 96³ one (LGMSNet-3D amplified that to 6e-2 on its logits). Above this
+# many voxels per patch, norms are exported axis by axis: the same function, but 1.14x slower per patch in
+# onnxruntime for stock nnU-Net's network at 56x40, where it is not needed.
+AXISWISE_NORM_MIN_VOXELS = 32 ** 3
+
+
+def axiswise_norms(patch_size: Optional[Sequence[int]]) -> bool:
+    """Whether norms are exported as ``AxiswiseGroupNorm`` for this patch (unknown patch: yes)."""
+    return patch_size is None or math.prod(int(p) for p in patch_size) > AXISWISE_NORM_MIN_VOXELS
+
+
 def export_network(network: nn.Module, path: str, num_input_channels: int, multiple: Sequence[int],
                    patch_size: Optional[Sequence[int]] = None, opset: Optional[int] = None, log=None) -> bool:
     """Export ``network`` (already in eval mode) to ``path``: any spatial size, and any batch where the
@@ -247,7 +259,8 @@ def export_network(network: nn.Module, path: str, num_input_channels: int, multi
     core_path = f"{path}.core.tmp"
     tmp = f"{path}.tmp"
     dynamic_batch = True
-    network = with_axiswise_norms(copy.deepcopy(network))  # onnxruntime-accurate norms; caller's net untouched
+    if axiswise_norms(patch_size):
+        network = with_axiswise_norms(copy.deepcopy(network))  # the caller's network stays as it is
     try:
         try:
             export_core(network, core_path, num_input_channels, multiple, patch_size, opset)
@@ -321,6 +334,7 @@ def sidecar(fold: LoadedFold, multiple: Sequence[int], results_folder: str, fold
         "patch_size": [int(v) for v in cm.patch_size],
         "spacing": [float(v) for v in cm.spacing],
         "size_multiple": [int(v) for v in multiple],
+        "axiswise_norms": axiswise_norms(cm.patch_size),
         "num_input_channels": fold.num_input_channels,
         "channel_names": fold.dataset_json.get("channel_names", fold.dataset_json.get("modality")),
         "num_output_channels": fold.num_output_channels,

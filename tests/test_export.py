@@ -19,8 +19,8 @@ import torch
 
 from nnunet_lk.blocks.reparam import ReparamDepthwise
 from nnunet_lk.cli.main import main as cli_main
-from nnunet_lk.export import (ExportError, export_network, load_fold, max_abs_difference, ort_session, sidecar_path,
-                              size_multiple)
+from nnunet_lk.export import (ExportError, axiswise_norms, export_network, load_fold, max_abs_difference,
+                              ort_session, sidecar_path, size_multiple)
 from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
 from nnunet_lk.training.base import CheckpointError
 from modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
@@ -83,6 +83,22 @@ def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
         assert not any(".branches." in n for n in names)
 
 
+@pytest.mark.parametrize("patch,axiswise", [((56, 40), False), ((256, 256), True), ((40, 56, 40), True)])
+def test_norms_are_exported_axiswise_on_large_patches(patch, axiswise, tmp_path):
+    import onnx
+    assert axiswise_norms(patch) == axiswise
+    conv = torch.nn.Conv2d if len(patch) == 2 else torch.nn.Conv3d
+    norm = torch.nn.InstanceNorm2d if len(patch) == 2 else torch.nn.InstanceNorm3d
+    net = torch.nn.Sequential(conv(1, 4, 3, padding=1), norm(4, affine=True), torch.nn.GroupNorm(2, 4)).eval()
+    path = str(tmp_path / "norms.onnx")
+    export_network(net, path, 1, [1] * len(patch), patch)
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert ("InstanceNormalization" not in ops) == axiswise, ops
+    assert all(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.modules.instancenorm._InstanceNorm,
+                              torch.nn.GroupNorm)) for m in net)  # the caller's network is left as it was
+    _check_exported(net, path, 1, len(patch), other=[17] * len(patch))
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A DLKUNet-S (width 8) model folder exported once through the CLI."""
@@ -106,6 +122,7 @@ def test_export_cli_writes_model_and_sidecar(exported, capsys):
     assert info["trainer"] == "nnUNetTrainerDLKUNetS" and info["configuration"] == "2d" and info["fold"] == 0
     assert info["inference_allowed_mirroring_axes"] == [0, 1]
     assert max(info["check"]["max_abs_diff"]) <= TOLERANCE == info["check"]["tolerance"]
+    assert info["axiswise_norms"] is False  # 56x40: onnxruntime's own InstanceNormalization is exact enough
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.json", "model.onnx"]
     # the ONNX model against the network nnUNetv2_predict builds, at other sizes and batches
     loaded = load_fold(str(folder), 0)
