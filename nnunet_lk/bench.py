@@ -5,7 +5,8 @@ For one dataset's plans and configuration, each network is built exactly as trai
 trainer class's ``build_network_architecture``) and measured: parameters, MACs (torch's FLOP counter),
 eval-mode forward latency per patch (batch 1), the time of one training step (forward + loss + backward
 + gradient clipping + SGD step, as ``nnUNetTrainer.train_step`` does) at the plans' batch, and memory.
-Re-parameterisable backbones (``ReparamDepthwise``) get fused and unfused latency.
+Re-parameterisable backbones (``ReparamDepthwise``) get fused and unfused latency, timed interleaved repeat
+by repeat (timed one after the other, the first form measured carried the warm-up).
 
 Each network is measured in a fresh Python process (``python -m nnunet_lk.bench`` reads a JSON job on
 stdin), one after the other: the peak RSS read there belongs to that network alone, and no network

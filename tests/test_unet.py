@@ -14,16 +14,19 @@ def _tiny(name, deep_supervision=False):
 
 
 @pytest.mark.parametrize("name", list_backbones())
-def test_full_precision_runs_float32_under_autocast(name):
+def test_float16_autocast_and_the_float32_switch(name):
+    # CUDA training runs in fp16 autocast: at initialisation every backbone stays finite and near float32
+    # there. A trained network that overflows is switched to float32 by the trainer (full_precision).
     net = _tiny(name)
-    x = torch.randn(1, 1, 32, 32)
+    x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         reference = net(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = net(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half = net(x)
             net.full_precision = True
             forced = net(x)
-    assert mixed.dtype == torch.bfloat16  # autocast really reaches the blocks...
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()  # autocast really reaches the blocks
+    torch.testing.assert_close(half.float(), reference, atol=5e-3, rtol=5e-2)
     assert forced.dtype == torch.float32  # ...and the switch takes them out of it
     torch.testing.assert_close(forced, reference)
 
@@ -42,16 +45,3 @@ def test_full_precision_travels_in_the_state_dict_and_old_checkpoints_still_load
     inference.load_state_dict(old_checkpoint, strict=True)
     assert not inference.full_precision
 
-
-@pytest.mark.parametrize("name", list_backbones())
-def test_every_backbone_runs_in_float16_autocast(name):
-    # CUDA training uses fp16 autocast; at initialisation every backbone stays finite and near float32
-    # (a trained network that overflows is caught by the trainer, which switches it to float32).
-    net = _tiny(name)
-    x = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():
-        reference = net(x)
-        with torch.autocast("cpu", dtype=torch.float16):
-            half = net(x)
-    assert half.dtype == torch.float16 and torch.isfinite(half).all()
-    torch.testing.assert_close(half.float(), reference, atol=5e-3, rtol=5e-2)
