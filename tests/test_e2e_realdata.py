@@ -179,6 +179,44 @@ def test_backbone_on_hippocampus_2d(hippocampus, trainer, epochs, iterations, fl
     assert dice >= floor
     model = root / "results" / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans_cpu__2d"
     assert_predictor_uses_fused_kernels(model, root / "new_cases", env)
+    if trainer == "nnUNetTrainerLMNet":  # one trained model through the ONNX path (export: ~1 min here)
+        assert_onnx_matches_pytorch_on_real_data(root, env, model, root / f"pred_{trainer}_2d")
+
+
+def assert_onnx_matches_pytorch_on_real_data(root: Path, env: dict, model: Path, predicted: Path) -> None:
+    """`nnunet-lk export` of the trained fold, then (a) its logits against PyTorch's on real preprocessed
+    slices and (b) `nnunet-lk predict-onnx` on the held-back cases against nnUNetv2_predict's files."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_lk.export import load_fold, ort_session
+
+    onnx_path = root / "onnx" / f"{model.name}.onnx"
+    run(["nnunet-lk", "export", model, "--fold", "0", "-o", onnx_path], env)
+    fold = load_fold(str(model), 0)
+    session = ort_session(str(onnx_path))
+    preprocessed = root / "preprocessed" / "Dataset004_Hippocampus" / fold.configuration_manager.data_identifier
+    dataset = infer_dataset_class(str(preprocessed))(str(preprocessed))
+    diffs = []
+    for identifier in dataset.identifiers[:3]:
+        image = np.asarray(dataset.load_case(identifier)[0])  # (channels, z, y, x), normalised as for training
+        x = torch.from_numpy(np.ascontiguousarray(image[:, image.shape[1] // 2][None])).float()
+        with torch.no_grad():
+            reference = fold.network(x).numpy()
+        diffs.append(float(np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - reference).max()))
+    print(f"ONNX vs PyTorch on real slices of {model.name}: max abs logit difference {max(diffs):.2e}")
+    assert max(diffs) <= 1e-3, diffs
+
+    out = root / f"pred_onnx_{model.name}"
+    run(["nnunet-lk", "predict-onnx", "-i", root / "new_cases", "-o", out, "-m", model, "--onnx", onnx_path,
+         "-f", "0", "-npp", "0", "-nps", "0"], env)
+    cases = sorted(p.name for p in predicted.glob("*.nii.gz"))
+    assert cases and sorted(p.name for p in out.glob("*.nii.gz")) == cases
+    for case in cases:
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / case))) for folder in (predicted, out))
+        assert a.shape == b.shape and (a == b).mean() >= 0.999, f"{case}: {(a != b).sum()} voxels differ"
 
 
 @pytest.mark.parametrize("trainer,epochs,iterations,floor", HIPPOCAMPUS_3D_RUNS)
