@@ -1,5 +1,4 @@
 import os
-import pickle
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_lk.networks import NetworkConfigError
 from nnunet_lk.training import trainers as lk_trainers
-from nnunet_lk.training.base import nnUNetTrainerLK
 from nnunet_lk.training.trainers import all_trainers, nnUNetTrainerDLKUNetM, nnUNetTrainerDLKUNetS_PhaseLoss
 
 
