@@ -293,15 +293,19 @@ def ort_session(path: str, threads: Optional[int] = None):
 def max_abs_difference(network: nn.Module, session, shapes: Sequence[Sequence[int]], seed: int = 0) -> List[float]:
     """Largest |PyTorch - onnxruntime| logit difference for one random input of each shape."""
     generator = torch.Generator().manual_seed(seed)
+    return max_abs_difference_on(network, session, [torch.randn(*shape, generator=generator) for shape in shapes])
+
+
+def max_abs_difference_on(network: nn.Module, session, inputs: Sequence[torch.Tensor]) -> List[float]:
+    """Largest |PyTorch - onnxruntime| logit difference for each given input (e.g. real patches)."""
     diffs = []
-    for shape in shapes:
-        x = torch.randn(*shape, generator=generator)
+    for x in inputs:
         with torch.no_grad():
             reference = network(x)
         reference = (reference[0] if isinstance(reference, (list, tuple)) else reference).numpy()
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         if out.shape != reference.shape:
-            raise ExportError(f"onnxruntime returned {out.shape} for input {list(shape)}, PyTorch {reference.shape}")
+            raise ExportError(f"onnxruntime returned {out.shape} for input {list(x.shape)}, PyTorch {reference.shape}")
         diffs.append(float(np.abs(out - reference).max()))
     return diffs
 

@@ -191,7 +191,7 @@ def assert_onnx_matches_pytorch_on_real_data(root: Path, env: dict, model: Path,
     import torch
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_lk.export import load_fold, ort_session
+    from nnunet_lk.export import load_fold, max_abs_difference_on, ort_session
 
     onnx_path = root / "onnx" / f"{model.name}.onnx"
     run(["nnunet-lk", "export", model, "--fold", "0", "-o", onnx_path], env)
@@ -199,13 +199,9 @@ def assert_onnx_matches_pytorch_on_real_data(root: Path, env: dict, model: Path,
     session = ort_session(str(onnx_path))
     preprocessed = root / "preprocessed" / "Dataset004_Hippocampus" / fold.configuration_manager.data_identifier
     dataset = infer_dataset_class(str(preprocessed))(str(preprocessed))
-    diffs = []
-    for identifier in dataset.identifiers[:3]:
-        image = np.asarray(dataset.load_case(identifier)[0])  # (channels, z, y, x), normalised as for training
-        x = torch.from_numpy(np.ascontiguousarray(image[:, image.shape[1] // 2][None])).float()
-        with torch.no_grad():
-            reference = fold.network(x).numpy()
-        diffs.append(float(np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - reference).max()))
+    images = [np.asarray(dataset.load_case(i)[0]) for i in dataset.identifiers[:3]]  # (c, z, y, x), normalised
+    slices = [torch.from_numpy(np.ascontiguousarray(im[:, im.shape[1] // 2][None])).float() for im in images]
+    diffs = max_abs_difference_on(fold.network, session, slices)
     print(f"ONNX vs PyTorch on real slices of {model.name}: max abs logit difference {max(diffs):.2e}")
     assert max(diffs) <= 1e-3, diffs
 

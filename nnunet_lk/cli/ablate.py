@@ -45,7 +45,6 @@ def cmd_ablate(args) -> int:
     return 1 if failed or not abl.rows else 0
 
 
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ablate", help="compare finished nnU-Net trainings (Dice, HD95, NSD, Wilcoxon vs stock, params, time); "

@@ -19,7 +19,6 @@ def cmd_bench(args) -> int:
     return 0 if any(r["status"] == "ok" for r in record["results"]) else 1
 
 
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="params, MACs, latency, train-step time and memory of every backbone vs stock nnU-Net, "
