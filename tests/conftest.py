@@ -40,16 +40,37 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-FULL_TESTS = "NNUNET_LK_FULL_TESTS"
-
-
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `full` (too heavy for CI on a 2-core CPU: 3D exports, real-data runs of backbones that
-    learn slowly at a CPU budget) run only with NNUNET_LK_FULL_TESTS=1; CI and `pytest` skip them."""
-    import os
-    if os.environ.get(FULL_TESTS) == "1":
-        return
-    skip = pytest.mark.skip(reason=f"heavy test: set {FULL_TESTS}=1 to run it")
+    """Every `full` test is also `slow`, so the quick check (`-m "not slow"`) never runs a heavy one. Runs
+    before pytest's own -m selection (tryfirst). `full` tests are left out by the default `-m "not full"`
+    (setup.cfg) and chosen with `-m full`."""
     for item in items:
-        if "full" in item.keywords:
-            item.add_marker(skip)
+        if "full" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def trained_fold(tmp_path_factory):
+    """``trained_fold(run)`` → TrainedFold: each real-data subset is prepared once and each Run (a fold of one
+    trainer on it) trained, predicted and evaluated once per session, whichever tests ask for it."""
+    from tests.helpers.trained import SUBSETS, prepare, train_and_evaluate
+    subsets, folds = {}, {}
+
+    def once(cache, key, make):  # a failure is cached too: every test that needs it fails, none redoes it
+        if key not in cache:
+            try:
+                cache[key] = make()
+            except Exception as error:
+                cache[key] = error
+        if isinstance(cache[key], Exception):
+            raise cache[key]
+        return cache[key]
+
+    def get(run):
+        def prepared():
+            root = tmp_path_factory.mktemp(run.subset)
+            return root, prepare(SUBSETS[run.subset], root)
+        root, env = once(subsets, run.subset, prepared)
+        return once(folds, run, lambda: train_and_evaluate(run, root, env))
+    return get

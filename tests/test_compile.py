@@ -1,6 +1,7 @@
 """torch.compile of every backbone's forward on CPU (issue 7; nnU-Net compiles by default on CUDA).
 
-Slow (``-m slow``): inductor compiles C++ kernels. One tiny 2D network per backbone at one size,
+Slow (``-m slow``): inductor compiles C++ kernels. One tiny 2D network per backbone family at one size (the
+DLKUNet sizes M and L share S's blocks: they run with ``-m full``),
 compiled once in train mode (the forward nnU-Net's trainer compiles; eval mode would be a second
 compilation) and compared with eager (atol 1e-4). A backbone that cannot compile fails with the
 compiler's message."""
@@ -10,14 +11,18 @@ import pytest
 import torch
 
 from nnunet_lk.networks import build_backbone, list_backbones
-from tiny import TINY_OPTIONS
+from tests.helpers.tiny import TINY_OPTIONS
 
 SIZE = (32, 32)
 
 
+FAMILY_REPRESENTATIVES = {"dlkunet_s", "lgmsnet", "lmnet", "mslkseg"}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAMILY_REPRESENTATIVES else [pytest.mark.full])
+                                  for n in list_backbones()])
 def test_backbone_compiles_and_matches_eager(name):
     import torch._dynamo
     import torch._inductor.config as inductor_config

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from nnunet_lk.networks import build_backbone, list_backbones
-from tiny import TINY_OPTIONS  # this test is about synchronisation, not capacity
+from tests.helpers.tiny import TINY_OPTIONS  # this test is about synchronisation, not capacity
 
 SIZE = (32, 32)
 WORLD = 2

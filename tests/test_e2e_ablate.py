@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from realdata import prepared_subset, run
+from tests.helpers.realdata import prepared_subset, run
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ from nnunet_lk.export import (ExportError, axiswise_norms, export_network, load_
                               ort_session, sidecar_path, size_multiple)
 from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
 from nnunet_lk.training.base import CheckpointError
-from modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
+from tests.helpers.modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
                          randomise_norm_statistics, save_checkpoint)
-from tiny import TINY_OPTIONS  # export is about the graph, not capacity
+from tests.helpers.tiny import TINY_OPTIONS  # export is about the graph, not capacity
 
 TOLERANCE = 1e-4
 PATCH = {2: (56, 40), 3: (40, 56, 40)}  # the Hippocampus plans' patches

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelfolder import dlkunet_s_network, fake_plans, make_model_folder
+from tests.helpers.modelfolder import dlkunet_s_network, fake_plans, make_model_folder
 from nnunet_lk.hints import channel_hint, checkpoint_hint
-from realdata import SHARED_DATA
+from tests.helpers.realdata import SHARED_DATA
 
 HIPPOCAMPUS = SHARED_DATA / "Dataset004_Hippocampus" / "imagesTr"
 PREDICT = Path(sys.executable).parent / "nnUNetv2_predict"

@@ -1,7 +1,7 @@
 """LM-Net (architectures.md §3, §5.4): block checksums, the exact official total, neighbourhood attention
-against a naive loop, nnU-Net patch shapes, re-parameterisation, deep supervision, strict load, errors."""
+against a naive loop, nnU-Net patch shapes, its own block forms, errors (the contract every backbone keeps is in
+test_backbone_contract.py)."""
 import itertools
-import types
 
 import pytest
 import torch
@@ -9,7 +9,6 @@ import torch.nn as nn
 
 from nnunet_lk.blocks.lmnet import (GlobalFeatureTransformer, LocalFeatureTransformer, MultiLevelSkipFusion,
                                     NeighborhoodAttention, ReparamConv, reparam_conv_kernels)
-from nnunet_lk.blocks.reparam import ReparamDepthwise
 from nnunet_lk.networks import NetworkConfigError, build_backbone, count_parameters, get_backbone
 
 HIPPOCAMPUS_2D = dict(strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4, patch_size=[56, 40])
@@ -196,66 +195,6 @@ def test_3d_anisotropic_plans():
     assert net.encoder[0][0].mixer.fused_kernel == (1, 5, 5)
     outs = net(torch.randn(2, 1, 4, 16, 16))
     assert [tuple(o.shape) for o in outs] == [(2, 2, 4, 16, 16), (2, 2, 4, 8, 8)]
-
-
-# ---------------------------------------------------------------- re-parameterisation, loading
-
-def _randomise_batch_norms(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-
-
-@pytest.mark.parametrize("dim,shape,extra", [
-    (2, (2, 3, 32, 48), dict()),
-    (3, (1, 1, 4, 16, 16), dict(strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                                kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], **TINY)),
-])
-def test_reparameterisation_equivalence_whole_net(dim, shape, extra):
-    torch.manual_seed(0)
-    net = build_backbone("lmnet", dim=dim, input_channels=shape[1], num_classes=2, **extra)
-    _randomise_batch_norms(net)
-    keys = list(net.state_dict())
-    net.eval()
-    mixers = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
-    assert mixers and all(m.is_fused for m in mixers)
-    assert list(net.state_dict()) == keys  # fused kernels are non-persistent
-    x = torch.randn(*shape)
-    with torch.no_grad():
-        fused = net(x)
-        for m in mixers:  # reference: the four BN'd branches summed, eval statistics
-            m.forward = types.MethodType(lambda self, t: sum(branch(t) for branch in self.branches), m)
-        branched = net(x)
-    assert fused.abs().mean() > 1e-3
-    torch.testing.assert_close(fused, branched, rtol=1e-4, atol=1e-4)
-    net.train()
-    assert not any(m.is_fused for m in mixers)
-
-
-def test_strict_load_deep_supervision_on_into_off():
-    on = build_backbone("lmnet", dim=2, input_channels=1, num_classes=3, deep_supervision=True, **HIPPOCAMPUS_2D)
-    off = build_backbone("lmnet", dim=2, input_channels=1, num_classes=3, deep_supervision=False, **HIPPOCAMPUS_2D)
-    off.load_state_dict(on.state_dict(), strict=True)
-    on.eval(), off.eval()
-    x = torch.randn(1, 1, 56, 40)
-    with torch.no_grad():
-        on.decoder.deep_supervision = False
-        torch.testing.assert_close(on(x), off(x))
-
-
-def test_training_step_reaches_every_parameter():
-    torch.manual_seed(0)
-    net = build_backbone("lmnet", dim=2, input_channels=1, num_classes=2, deep_supervision=True, **HIPPOCAMPUS_2D,
-                         **TINY).train()
-    outs = net(torch.randn(2, 1, 56, 40))
-    sum(o.square().mean() for o in outs).backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None]
-    assert missing == []
 
 
 # ---------------------------------------------------------------- errors

@@ -1,6 +1,6 @@
 """MS-LKSeg (architectures.md §4, §5.5): block parameter formulas, block behaviour against
-re-derived references, shapes on nnU-Net patches, deep supervision, strict load and the structural
-re-parameterisation of the LD skips (fused == unfused, state dict untouched, undone by .train())."""
+re-derived references, shapes on nnU-Net patches, the LD skips' kernel forms and their fused cache on load
+(the contract every backbone keeps, fused == unfused included, is in test_backbone_contract.py)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nnunet_lk.blocks.mslk import (DynamicConv, MISBlock, MultiSemanticSpatialAttention,
                                    ProgressiveChannelSelfAttention, RepLKBlock)
-from nnunet_lk.blocks.reparam import ReparamDepthwise, unfused
+from nnunet_lk.blocks.reparam import ReparamDepthwise
 from nnunet_lk.networks import build_backbone, count_parameters, get_backbone, NetworkConfigError
 
 HIPPO_2D = dict(strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4, patch_size=(56, 40))
@@ -146,7 +146,6 @@ def test_mis_block_order_and_width_change():
 # ---------------------------------------------------------------- re-parameterisation
 
 
-
 def trained_bn_net(dim, **kwargs):
     torch.manual_seed(4)
     net = build_backbone("mslkseg", dim=dim, input_channels=2, num_classes=3, **kwargs)
@@ -159,27 +158,6 @@ def trained_bn_net(dim, **kwargs):
         for _ in range(3):  # running stats away from (0, 1)
             net(torch.randn(2, 2, *shape) * 2 + 0.5)
     return net
-
-
-@pytest.mark.parametrize("dim, plans", [(2, HIPPO_2D), (3, dict(ANISO_3D, patch_size=(4, 16, 12)))])
-def test_fused_and_unfused_outputs_agree(dim, plans):
-    net = trained_bn_net(dim, width=8 if dim == 2 else 4, dyconv_kernels=2, **plans)
-    keys_train = list(net.state_dict())
-    net.eval()
-    assert list(net.state_dict()) == keys_train  # fusion lives in non-persistent buffers
-    x = torch.randn(2, 2, *plans["patch_size"])
-    with torch.no_grad():
-        fused = net(x)
-        reparams = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
-        assert len(reparams) == len(net.level_strides) - 1 and all(m.is_fused for m in reparams)
-        expected_kernel = (21, 21) if dim == 2 else (1, 7, 7)  # level 0 of the [1,3,3] plan is flat
-        assert tuple(reparams[0].fused_weight.shape[2:]) == expected_kernel
-        with unfused(net):
-            reference = net(x)
-    assert (fused - reference).abs().max().item() < 1e-4
-    assert not torch.equal(fused, reference)  # two different computations really ran
-    net.train()
-    assert list(net.state_dict()) == keys_train and not any(m.is_fused for m in reparams)
 
 
 def test_load_state_dict_refuses_with_new_weights_and_ds_on_loads_into_ds_off():
@@ -259,8 +237,3 @@ def test_paper_pyramid_and_config_variants():
 def test_bad_configurations_raise(overrides, fragment):
     with pytest.raises(NetworkConfigError, match=fragment):
         build_backbone("mslkseg", dim=2, input_channels=1, num_classes=2, **overrides)
-
-
-def test_patch_too_small_raises():
-    with pytest.raises(NetworkConfigError, match="too small"):
-        build_backbone("mslkseg", dim=2, input_channels=1, num_classes=2, patch_size=(8, 8))

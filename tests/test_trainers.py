@@ -303,3 +303,22 @@ def test_compile_failure_falls_back_to_eager(hippocampus_plans, hippocampus_data
     assert "torch.compile failed (BackendCompilerFailed" in _log(trainer)
     assert "no kernel for this block" in _log(trainer)
     assert "training continues without compilation" in _log(trainer)
+
+
+def test_checkpoint_keys_are_nnunets_own_plus_ours(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
+                                                   monkeypatch, tmp_path):
+    """Our save_checkpoint rewrites nnU-Net's: an nnU-Net release that adds a key must fail here, not have
+    the key silently dropped from our checkpoints."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    written = {}
+    with monkeypatch.context() as m:
+        m.setattr(nnunet_trainer_module.torch, "save", lambda obj, f: written.setdefault("nnunet", obj))
+        nnUNetTrainer.save_checkpoint(trainer, str(tmp_path / "stock.pth"))  # nnU-Net's own method, our trainer
+    trainer.save_checkpoint(str(tmp_path / "ours.pth"))
+    ours = torch.load(tmp_path / "ours.pth", weights_only=False)
+    assert set(written["nnunet"]) == set(ours) - {"nnunet_lk"}

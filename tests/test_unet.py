@@ -4,7 +4,7 @@ import torch
 
 from nnunet_lk.networks import build_backbone, list_backbones
 from nnunet_lk.networks.unet import FULL_PRECISION_KEY
-from tiny import TINY_OPTIONS
+from tests.helpers.tiny import TINY_OPTIONS
 
 
 def _tiny(name, deep_supervision=False):

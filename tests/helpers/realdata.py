@@ -6,11 +6,12 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("NNUNET_LK_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
 
@@ -66,12 +67,30 @@ def nnunet_env(root: Path, **extra) -> dict:
 
 
 def run(cmd, env, timeout=1800, check=True) -> subprocess.CompletedProcess:
-    """Run a CLI; on failure the assertion message carries the end of its output."""
-    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    """Run a CLI in a session of its own; on timeout or failure the whole process group is killed, so
+    nnU-Net's data-loader workers and predictor children never outlive a failed test. On failure the
+    assertion message carries the end of its output."""
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout, Ctrl-C, a pytest-timeout interrupt
+        kill_group(proc)
+        raise
+    kill_group(proc)  # the leader has exited; workers it left behind have not
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout ---\n"
-                             f"{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
+                             f"{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of ``proc``'s session (it was started with start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def prepared_subset(root: Path, source_name: str, configuration: str, n_train: int, n_test: int, plans_args,

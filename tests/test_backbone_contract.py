@@ -1,0 +1,141 @@
+"""The contract every registered backbone keeps with nnU-Net, checked once for all of them (timm-style: one
+suite parametrised over the registry). A new backbone gets these checks by registering; the per-backbone
+files keep only what is specific to each (block checksums, the official totals, its own blocks).
+
+Every backbone × every dimensionality it declares, built with the tiny test options on nnU-Net-like plans:
+4 stages, 2D Hippocampus strides, 3D anisotropic strides (first stage planned 1×3×3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from nnunet_lk.blocks.reparam import ReparamDepthwise, unfused
+from nnunet_lk.networks import NetworkConfigError, build_backbone, get_backbone, list_backbones
+from tests.helpers.modelfolder import randomise_norm_statistics
+from tests.helpers.tiny import TINY_OPTIONS
+
+PLANS = {
+    2: dict(strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4, patch_size=(56, 40)),
+    3: dict(strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], patch_size=(8, 24, 20)),
+}
+ODD_PATCH = {2: (57, 41), 3: (9, 26, 21)}  # no axis a multiple of the total stride
+TOO_SMALL_PATCH = {2: (2, 40), 3: (8, 2, 20)}  # one axis below every total stride (DLKUNet-S: 4)
+CASES = [pytest.param(name, dim, id=f"{name}-{dim}d") for name in list_backbones() for dim in get_backbone(name).dims]
+
+
+def _net(name, dim, deep_supervision=False, seed=0, **plans):
+    torch.manual_seed(seed)
+    return build_backbone(name, dim=dim, input_channels=2, num_classes=3, deep_supervision=deep_supervision,
+                          **{**PLANS[dim], **plans}, **TINY_OPTIONS[name])
+
+
+def _input(dim, patch=None, batch=2, seed=1):
+    return torch.randn(batch, 2, *(patch or PLANS[dim]["patch_size"]), generator=torch.Generator().manual_seed(seed))
+
+
+def _nnunet_deep_supervision_scales(strides):
+    """nnUNetTrainer._get_deep_supervision_scales: 1 / cumprod(strides), all but the coarsest."""
+    return [list(s) for s in 1 / np.cumprod(np.vstack(strides), axis=0)][:-1]
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_deep_supervision_outputs_are_nnunets_targets(name, dim):
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    net = _net(name, dim, deep_supervision=True).train()
+    levels = len(net.level_strides)
+    assert [list(s) for s in net.level_strides] == PLANS[dim]["strides"][:levels]  # the plans' strides, in order
+    scales = net.deep_supervision_scales
+    assert scales == _nnunet_deep_supervision_scales(net.level_strides)
+    assert scales == _nnunet_deep_supervision_scales(PLANS[dim]["strides"])[:levels - 1]
+    for patch in (PLANS[dim]["patch_size"], ODD_PATCH[dim]):
+        outputs = net(_input(dim, patch))
+        # what nnU-Net's data pipeline makes of a segmentation of this patch, highest resolution first
+        targets = DownsampleSegForDSTransform(scales)(segmentation=torch.zeros(1, *patch))["segmentation"]
+        assert len(outputs) == len(targets) == levels - 1
+        assert [tuple(o.shape[2:]) for o in outputs] == [tuple(t.shape[1:]) for t in targets]
+        assert all(o.shape[:2] == (2, 3) for o in outputs)
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_deep_supervision_on_state_dict_loads_strictly_into_off(name, dim):
+    # training saves with deep supervision on; nnUNetv2_predict builds it off and loads strictly
+    trained = randomise_norm_statistics(_net(name, dim, deep_supervision=True, seed=0)).eval()
+    inference = _net(name, dim, deep_supervision=False, seed=1).eval()
+    assert list(trained.state_dict()) == list(inference.state_dict())
+    inference.load_state_dict(trained.state_dict(), strict=True)
+    x = _input(dim)
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), trained(x)[0])
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_every_parameter_receives_a_gradient(name, dim):
+    net = _net(name, dim, deep_supervision=True).train()
+    outputs = net(_input(dim))
+    sum(o.square().mean() for o in outputs).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_odd_and_anisotropic_patches_keep_their_shape(name, dim):
+    odd = ODD_PATCH[dim]
+    net = _net(name, dim, patch_size=odd).eval()
+    with torch.no_grad():
+        assert net(_input(dim, odd, batch=1)).shape == (1, 3, *odd)
+    if dim == 3:  # the anisotropy rule: kernels of the stage planned 1×3×3 are flat through-plane
+        first_stage = [m for m in net.encoder[0].modules() if isinstance(m, nn.Conv3d)]
+        assert first_stage and all(m.kernel_size[0] == 1 for m in first_stage if m.groups > 1)
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_too_small_patch_is_a_clear_error(name, dim):
+    with pytest.raises(NetworkConfigError, match=r"too small[\s\S]*Increase 'patch_size'"):
+        _net(name, dim, patch_size=TOO_SMALL_PATCH[dim])
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_eval_output_is_deterministic(name, dim):
+    net = randomise_norm_statistics(_net(name, dim)).eval()
+    x = _input(dim)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+def _reparameterising(name, dim):
+    return any(isinstance(m, ReparamDepthwise) for m in _net(name, dim).modules())
+
+
+REPARAM_CASES = [p for p in CASES if _reparameterising(*p.values)]
+
+
+def test_the_reparameterising_backbones_are_found():
+    assert {p.values[0] for p in REPARAM_CASES} == {"lmnet", "mslkseg"}
+
+
+@pytest.mark.parametrize("name,dim", REPARAM_CASES)
+def test_fused_equals_unfused(name, dim):
+    net = _net(name, dim).train()
+    with torch.no_grad():  # BatchNorm statistics and affine parameters of a trained network
+        for _ in range(3):
+            net(_input(dim, seed=7) * 2 + 0.5)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    keys = list(net.state_dict())
+    net.eval()
+    x = _input(dim)
+    with torch.no_grad():
+        fused = net(x)
+        blocks = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
+        assert blocks and all(m.is_fused for m in blocks)
+        with unfused(net):
+            reference = net(x)
+    assert (fused - reference).abs().max().item() < 1e-4
+    assert not torch.equal(fused, reference)  # two different computations really ran
+    assert list(net.state_dict()) == keys  # the fused kernels never reach the state dict
