@@ -65,18 +65,18 @@ class LoadedFold:
     inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]
 
 
-def find_trainer_class(trainer_name: str):
+def find_trainer_class(trainer_name: str, checkpoint_path: str):
     """nnU-Net's own lookup (``recursive_find_trainer_class_by_name``), with our folder on its path."""
     from . import env as lk_env
+    from .hints import checkpoint_trainer_hint
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     lk_env.ensure_environment()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its search messages are not our output
             return recursive_find_trainer_class_by_name(trainer_name)
-    except (RuntimeError, AssertionError) as e:
-        raise ExportError(f"the checkpoint was trained with {trainer_name!r}, which nnU-Net cannot find ({e}). "
-                          f"Install the package that defines it; for nnunet-lk trainers run `nnunet-lk doctor` "
-                          f"(and `nnunet-lk env --install`).") from None
+    except (RuntimeError, AssertionError) as e:  # AssertionError: found, but not an nnUNetTrainer
+        raise ExportError(checkpoint_trainer_hint(trainer_name, checkpoint_path) if isinstance(e, RuntimeError)
+                          else f"{checkpoint_path} names the trainer {trainer_name!r}, not an nnUNetTrainer") from None
 
 
 def fold_folder(results_folder: str, fold) -> str:
@@ -95,8 +95,10 @@ def load_fold(results_folder: str, fold, checkpoint_name: str = "checkpoint_fina
     path = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
     if not os.path.isfile(path):
         available = sorted(d for d in os.listdir(results_folder) if d.startswith("fold_"))
-        raise ExportError(f"{path} does not exist (folds here: {', '.join(available) or 'none'}); choose "
-                          f"--fold and -c (checkpoint_final.pth / checkpoint_best.pth) of a finished training")
+        present = sorted(p for p in os.listdir(os.path.dirname(path)) if p.endswith(".pth")) \
+            if os.path.isdir(os.path.dirname(path)) else []
+        raise ExportError(f"{path} does not exist (folds here: {', '.join(available) or 'none'}; checkpoints in "
+                          f"fold_{fold}: {', '.join(present) or 'none'}); choose --fold and -c accordingly")
     checkpoint = read_checkpoint(path)
     with open(os.path.join(results_folder, "plans.json")) as f:
         plans_manager = PlansManager(json.load(f))
@@ -106,7 +108,7 @@ def load_fold(results_folder: str, fold, checkpoint_name: str = "checkpoint_fina
     configuration_manager = plans_manager.get_configuration(configuration)
     n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    trainer_class = find_trainer_class(checkpoint["trainer_name"])
+    trainer_class = find_trainer_class(checkpoint["trainer_name"], path)
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
                                                        enable_deep_supervision=False)
     try:
@@ -425,8 +427,8 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     fold_name = fold if fold == "all" else int(fold)
     path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)
-    if os.path.isfile(path):
-        read_checkpoint(path)  # a clear error for a truncated/foreign file before nnU-Net's own load
+    if os.path.isfile(path):  # clear errors for a truncated/foreign file or an unknown trainer before nnU-Net's
+        find_trainer_class(read_checkpoint(path)["trainer_name"], path)
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                                 verbose_preprocessing=False, allow_tqdm=False)

@@ -60,10 +60,39 @@ def checkpoint_hint(frames: dict) -> str | None:
     try:
         read_checkpoint(path)
     except CheckpointError as e:
-        return (f"{PREFIX} cannot use fold {fold}'s checkpoint: {e}\n  Nothing was written. Other checkpoints of "
-                f"that fold can be chosen with -chk (e.g. checkpoint_best.pth); `nnUNetv2_train ... --c` resumes "
-                f"from checkpoint_latest.pth.")
+        return f"{PREFIX} cannot use fold {fold}'s checkpoint: {e}\n  Nothing was written."
     return None
+
+
+def checkpoint_trainer_hint(trainer_name: str, checkpoint: str) -> str:
+    """The trainer class a checkpoint names (its 'trainer_name', which nnU-Net builds the network from,
+    whatever -tr says) cannot be found. No prefix: callers add theirs."""
+    import difflib
+    from .training.trainers import all_trainers
+    ours = sorted(all_trainers())
+    where = (f"{checkpoint} names the trainer {trainer_name!r} (its 'trainer_name' entry), and nnU-Net builds "
+             f"the network from that class whatever -tr says.")
+    if trainer_name in ours:
+        return (f"{where} It is an nnunet-lk trainer, but nnU-Net's lookup does not see nnunet-lk's folder: run "
+                f"`nnunet-lk env --install` once (or `eval \"$(nnunet-lk env)\"` in this shell), then `nnunet-lk "
+                f"doctor`.")
+    close = difflib.get_close_matches(trainer_name, ours, n=3, cutoff=0.6)
+    return (f"{where} nnU-Net finds no class of that name (in nnunetv2 or on nnUNet_extTrainer). Fix: install the "
+            f"package that defines {trainer_name} and put its folder on nnUNet_extTrainer; or, if the class was "
+            f"renamed, set the checkpoint's 'trainer_name' to the class that built it (keep a copy of the file first)"
+            + (f"; close nnunet-lk trainers: {', '.join(close)}." if close else "."))
+
+
+def checkpoint_trainer_lookup_hint(message: str, frames: dict) -> str | None:
+    """nnUNetv2_predict could not find the trainer named in the checkpoint it is loading."""
+    loading = frames.get("initialize_from_trained_model_folder")
+    if not message.startswith(_NOT_FOUND) or not loading or "trainer_name" not in loading:
+        return None
+    folds = loading.get("use_folds") or [loading.get("f")]
+    fold = folds[0] if isinstance(folds, (list, tuple)) else folds
+    path = os.path.join(loading["model_training_output_dir"], f"fold_{fold}",
+                        loading.get("checkpoint_name", "checkpoint_final.pth"))
+    return f"{PREFIX} {checkpoint_trainer_hint(loading['trainer_name'], path)}"
 
 
 def _channel_indices(folder: str, ending: str) -> dict:
@@ -114,7 +143,10 @@ def channel_hint(frames: dict) -> str | None:
 def hints(exc: BaseException, tb: TracebackType | None) -> list:
     frames = _frames(tb)
     found = []
-    for make in (lambda: trainer_not_found_hint(str(exc)) if isinstance(exc, RuntimeError) else None,
+    not_found = isinstance(exc, RuntimeError) and str(exc).startswith(_NOT_FOUND)
+    from_checkpoint = not_found and "initialize_from_trained_model_folder" in frames
+    for make in (lambda: trainer_not_found_hint(str(exc)) if not_found and not from_checkpoint else None,
+                 lambda: checkpoint_trainer_lookup_hint(str(exc), frames) if from_checkpoint else None,
                  lambda: checkpoint_hint(frames), lambda: channel_hint(frames)):
         try:
             message = make()

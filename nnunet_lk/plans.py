@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .networks import get_backbone
 from .networks.unet import NetworkConfigError
+from .patch_sizes import check_patch
 
 OPTIONS_KEY = "nnunet_lk"
 
@@ -92,14 +93,11 @@ def replan_topology(config: dict, patch_size: List[int]) -> dict:
     """The configuration's ``architecture`` re-planned for ``patch_size`` the way nnU-Net's experiment
     planner plans it (its own ``get_pool_and_conv_props``: pool while the bottleneck stays >= 4 voxels an
     axis, respecting the spacing's anisotropy). Keeping a 640² plan's 8 stages on a 128² patch would leave
-    1×1 bottlenecks and, for backbones that pad to their stride, 4× the work."""
-    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
-    _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(config["spacing"], patch_size, 4, 999999)
-    planned_patch = [int(p) for p in planned_patch]
-    if planned_patch != list(patch_size):
-        raise NetworkConfigError(
-            f"patch size {list(patch_size)} does not fit the network nnU-Net plans for it: each axis must be a "
-            f"multiple of its total stride. Use --patch {' '.join(map(str, planned_patch))} instead.")
+    1×1 bottlenecks and, for backbones that pad to their stride, 4× the work. Patches that are not positive,
+    not planned as they are, or too small to train are refused with the nearest ones that work
+    (``nnunet_lk.patch_sizes``)."""
+    topology = check_patch(config["spacing"], patch_size, planned_patch=config.get("patch_size"))
+    strides, kernels = topology.strides, topology.kernel_sizes
     arch = copy.deepcopy(config["architecture"])
     kwargs = arch["arch_kwargs"]
     n = len(strides)
@@ -108,8 +106,7 @@ def replan_topology(config: dict, patch_size: List[int]) -> dict:
         values = list(values)
         return (values + values[-1:] * length)[:length]
 
-    kwargs.update(n_stages=n, strides=[list(map(int, s)) for s in strides],
-                  kernel_sizes=[list(map(int, k)) for k in kernels],
+    kwargs.update(n_stages=n, strides=strides, kernel_sizes=kernels,
                   features_per_stage=resized(kwargs["features_per_stage"], n),
                   n_conv_per_stage=resized(kwargs["n_conv_per_stage"], n),
                   n_conv_per_stage_decoder=resized(kwargs["n_conv_per_stage_decoder"], n - 1))

@@ -106,3 +106,66 @@ def test_non_editable_install_ships_the_scanned_folder_and_presets(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("nnunet_lk-*.whl"))).namelist()
     assert "nnunet_lk_ext/nnunet_lk_trainers.py" in names
     assert "nnunet_lk/presets/lite_3d.json" in names and "nnunet_lk/cli/main.py" in names
+
+
+# ---- the newcomer's path, through the installed command -----------------------------------------------------
+def _nnunet_lk(*args, env=None):
+    from tests.helpers.realdata import BIN, run
+    return run([BIN / "nnunet-lk", *args], env=env or dict(os.environ), timeout=600, check=False)
+
+
+@pytest.mark.parametrize("patch,message", [
+    (["-56", "40"], "patch size [-56, 40]: every size must be a positive number of voxels (the configuration's own "
+                    "patch: --patch 56 40)"),
+    (["0", "40"], "patch size [0, 40]: every size must be a positive number of voxels"),
+    (["8", "8"], "patch size [8, 8] is too small"),
+    (["57", "41"], "Use --patch 56 40 (nearest below) or --patch 64 48 (nearest above)"),
+])
+def test_plans_cli_refuses_bad_patches_and_keeps_what_exists(hippocampus_plans, nnunet_dirs, patch, message):
+    folder = nnunet_dirs["preprocessed"] / "Dataset004_Hippocampus"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(hippocampus_plans))
+    existing = folder / "nnUNetPlans_small.json"
+    existing.write_text('{"written": "before"}')
+    proc = _nnunet_lk("plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_small", "--force", "--patch", *patch)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    if patch == ["8", "8"]:  # the cause and the computed smallest size, in the proportions asked for
+        assert "NaN loss" in proc.stderr and "--patch 16 16" in proc.stderr
+    assert existing.read_text() == '{"written": "before"}'
+    assert sorted(p.name for p in folder.iterdir()) == ["nnUNetPlans.json", "nnUNetPlans_small.json"]
+
+
+def test_summary_without_flags_shows_the_papers_configuration():
+    proc = _nnunet_lk("summary", "dlkunet_s")
+    assert proc.returncode == 0, proc.stderr
+    assert "2D, 1 -> 9, patch [224, 224]" in proc.stdout
+    assert "params w/o DS heads: 1,131,379" in proc.stdout  # the official code's count (README)
+    proc = _nnunet_lk("summary", "dlkunet_s", "--dim", "3")
+    assert proc.returncode == 2 and "no paper configuration in 3D" in proc.stderr
+    assert "--in-channels --classes --patch" in proc.stderr
+
+
+def test_every_backbone_has_a_paper_configuration():
+    from nnunet_lk.analysis import PAPER_CONFIGURATIONS, summary_configuration
+    from nnunet_lk.networks import list_backbones
+    assert sorted(PAPER_CONFIGURATIONS) == list_backbones()
+    assert summary_configuration("lgmsnet", dim=3) == {"dim": 3, "input_channels": 1, "num_classes": 14,
+                                                       "patch_size": [96, 96, 96]}
+    assert summary_configuration("lmnet", num_classes=5)["num_classes"] == 5
+
+
+def test_doctor_right_after_install_warns_about_data_folders_and_passes():
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    proc = _nnunet_lk("doctor", env=env)
+    assert proc.returncode == 0, proc.stdout
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        assert f"[warn] {var} is not set" in proc.stdout and f"export {var}=" in proc.stdout
+    assert "[FAIL]" not in proc.stdout and "[ok] nnU-Net finds nnUNetTrainerDLKUNetS" in proc.stdout
+
+
+def test_help_describes_the_tool_for_users():
+    proc = _nnunet_lk("--help")
+    assert proc.returncode == 0
+    description = proc.stdout.split("\n\n")[1]
+    assert "as nnU-Net v2 trainers" in " ".join(description.split()) and "registered" not in description

@@ -144,7 +144,7 @@ def _copy_folder(src: Path, dst: Path) -> Path:
     ("truncated", "truncated or not a torch file"),
     ("foreign", "not an nnU-Net checkpoint"),
     ("other_width", "weights do not fit the network"),
-    ("unknown_trainer", "which nnU-Net cannot find"),
+    ("unknown_trainer", "names the trainer 'nnUNetTrainerDoesNotExist' (its 'trainer_name' entry)"),
     ("no_fold", "does not exist"),
 ])
 def test_export_errors_are_clear_and_write_nothing(exported, tmp_path, capsys, damage, message):
@@ -166,6 +166,8 @@ def test_export_errors_are_clear_and_write_nothing(exported, tmp_path, capsys, d
     code = cli_main(["export", str(folder), "--fold", fold, "-o", str(out)])
     err = capsys.readouterr().err
     assert code != 0 and message in err, err
+    if damage == "unknown_trainer":  # where the name comes from and what can fix it; not the -tr advice
+        assert str(checkpoint) in err and "install the package that defines" in err and "env --install" not in err
     assert not out.exists() and not Path(sidecar_path(str(out))).exists()
 
 
@@ -238,6 +240,33 @@ def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
     (folder / "dataset.json").write_text(json.dumps(dataset))
     with pytest.raises(ExportError, match="takes 1 input channels but .* expects 2"):
         onnx_predictor(str(folder), str(exported[1]), 0)
+
+
+def test_predict_onnx_refuses_non_finite_inputs_naming_case_and_count(exported, tmp_path):
+    # NRRD keeps NaN (SimpleITK reads NaN in NIfTI as 0); nnU-Net's own predictor would write an all-background
+    # segmentation for such a case with exit status 0
+    import SimpleITK as sitk
+    from tests.helpers.realdata import BIN, run
+    folder = _copy_folder(exported[0], tmp_path / "model")
+    dataset = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**dataset, "file_ending": ".nrrd"}))
+    images = tmp_path / "images"
+    images.mkdir()
+    for case, bad in (("clean", []), ("broken", [float("nan")] * 7 + [float("inf")] * 3)):
+        array = np.random.default_rng(0).standard_normal((6, 50, 35)).astype(np.float32)
+        array.reshape(-1)[:len(bad)] = bad
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(images / f"{case}_0000.nrrd"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.nrrd").write_bytes(b"a prediction written before")
+    proc = run([BIN / "nnunet-lk", "predict-onnx", "-i", images, "-o", out, "-m", folder, "--onnx", exported[1],
+                "-f", "0", "-npp", "0", "-nps", "0", "--threads", "1"], env=dict(os.environ), timeout=600, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 2 input cases" in proc.stderr
+    assert "broken: broken_0000.nrrd has 10 of 10,500 voxels NaN/Inf" in proc.stderr and "clean:" not in proc.stderr
+    assert "Nothing was predicted" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.nrrd"]
+    assert (out / "earlier.nrrd").read_bytes() == b"a prediction written before"
 
 
 # ---- stock nnU-Net (slow) ----------------------------------------------------------------------------------

@@ -56,15 +56,23 @@ def test_stock_predict_works_on_the_fake_model(model, tmp_path):
     assert "nnunet-lk:" not in proc.stderr
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("truncated", "truncated or not a torch file"),
-    ("foreign", "is not an nnU-Net checkpoint"),
-])
-def test_damaged_checkpoint_is_named_with_the_fix(model, tmp_path, damage, message):
+def _copy_results(model, tmp_path) -> Path:
     import shutil
     results = tmp_path / "results"
     shutil.copytree(model[0], results)
+    return results
+
+
+@pytest.mark.parametrize("damage,message,others", [
+    ("truncated", "truncated or not a torch file", []),
+    ("foreign", "is not an nnU-Net checkpoint", []),
+    ("truncated", "truncated or not a torch file", ["checkpoint_best.pth"]),  # a finished fold: final and best
+])
+def test_damaged_checkpoint_is_named_with_the_fix(model, tmp_path, damage, message, others):
+    results = _copy_results(model, tmp_path)
     checkpoint = next(results.rglob("checkpoint_final.pth"))
+    for name in others:
+        (checkpoint.parent / name).write_bytes(checkpoint.read_bytes())
     if damage == "truncated":
         data = checkpoint.read_bytes()
         checkpoint.write_bytes(data[: len(data) // 2])
@@ -76,8 +84,33 @@ def test_damaged_checkpoint_is_named_with_the_fix(model, tmp_path, damage, messa
     assert proc.returncode != 0
     hint = proc.stderr[proc.stderr.index("nnunet-lk:"):]
     assert str(checkpoint) in hint and message in hint
-    assert "-chk" in hint and "--c" in hint
+    assert "checkpoint_latest" not in hint  # a finished fold has none: only files that exist are suggested
+    if others:
+        assert "-chk checkpoint_best.pth" in hint and "--c` then continues from checkpoint_best.pth" in hint
+    else:
+        assert "holds no other checkpoint" in hint and "checkpoint_best" not in hint and "-chk" not in hint
     assert checkpoint.read_bytes() == before and kept.read_bytes() == b"a prediction written before"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["earlier_case.nii.gz"]
+
+
+@pytest.mark.parametrize("trainer_name,fix", [
+    ("nnUNetTrainerFromAnotherPackage", "install the package that defines nnUNetTrainerFromAnotherPackage"),
+    ("nnUNetTrainerDLKUNetSS", "close nnunet-lk trainers: nnUNetTrainerDLKUNetS"),  # a mistyped/renamed class
+])
+def test_unknown_trainer_named_by_the_checkpoint(model, tmp_path, trainer_name, fix):
+    from tests.helpers.modelfolder import save_checkpoint
+    results = _copy_results(model, tmp_path)
+    checkpoint = next(results.rglob("checkpoint_final.pth"))
+    plans = fake_plans()
+    save_checkpoint(checkpoint, dlkunet_s_network(plans), plans, trainer_name)
+    kept = _previous_output(tmp_path / "out")
+    proc = _predict(results, _cases(tmp_path / "in"), tmp_path / "out")  # -tr names the folder's trainer
+    assert proc.returncode != 0
+    hint = proc.stderr[proc.stderr.index("nnunet-lk:"):]
+    assert f"{checkpoint} names the trainer {trainer_name!r} (its 'trainer_name' entry)" in hint
+    assert fix in hint and "set the checkpoint's 'trainer_name'" in hint
+    assert "env --install" not in hint and "found no trainer named" not in hint  # the -tr advice cannot help
+    assert kept.read_bytes() == b"a prediction written before"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["earlier_case.nii.gz"]
 
 

@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 
 from nnunet_lk.networks import NetworkConfigError
+from nnunet_lk.patch_sizes import MIN_STAGES
 from nnunet_lk.plans import derive_plans, list_presets, load_preset, validate_configuration
 
 
@@ -17,10 +19,71 @@ def test_derive_keeps_data_and_changes_one_configuration(hippocampus_plans):
 
 
 def test_patch_must_fit_the_strides(hippocampus_plans):
-    with pytest.raises(NetworkConfigError, match="does not fit.*Use --patch 56 40 instead"):
-        derive_plans(hippocampus_plans, "2d", "x", patch_size=[50, 40])
     with pytest.raises(NetworkConfigError, match="needs 2 values"):
         derive_plans(hippocampus_plans, "2d", "x", patch_size=[48, 40, 40])
+
+
+@pytest.mark.parametrize("configuration,patch,below,above", [
+    ("2d", [57, 41], [56, 40], [64, 48]),  # 56 40 is the planned patch itself
+    ("2d", [50, 40], [48, 40], [56, 40]),
+    ("3d_fullres", [25, 33, 25], [24, 32, 24], [28, 36, 28]),
+])
+def test_unfitting_patch_gets_the_nearest_fitting_patches_on_both_sides(hippocampus_plans, configuration, patch,
+                                                                        below, above):
+    flag = lambda p: "--patch " + " ".join(map(str, p))  # noqa: E731
+    with pytest.raises(NetworkConfigError, match="does not fit") as error:
+        derive_plans(hippocampus_plans, configuration, "x", patch_size=patch)
+    assert f"{flag(below)} (nearest below) or {flag(above)} (nearest above)" in str(error.value)
+    for suggested in (below, above):  # both are accepted as they are
+        derived = derive_plans(hippocampus_plans, configuration, "x", patch_size=suggested)
+        assert derived["configurations"][configuration]["patch_size"] == suggested
+
+
+@pytest.mark.parametrize("patch", [[-56, 40], [0, 40], [56, 0]])
+def test_non_positive_patch_is_refused(hippocampus_plans, patch):
+    with pytest.raises(NetworkConfigError, match=r"must be a positive number of voxels.*--patch 56 40"):
+        derive_plans(hippocampus_plans, "2d", "x", patch_size=patch)
+
+
+@pytest.mark.parametrize("configuration,patch,smallest", [
+    ("2d", [8, 8], [16, 16]), ("2d", [12, 12], [16, 16]), ("2d", [4, 6], [16, 24]),
+    ("3d_fullres", [8, 8, 8], [16, 16, 16]),
+])
+def test_too_small_patch_is_refused_with_the_smallest_that_works(hippocampus_plans, configuration, patch, smallest):
+    with pytest.raises(NetworkConfigError, match="too small.*NaN loss") as error:
+        derive_plans(hippocampus_plans, configuration, "x", patch_size=patch)
+    assert f"works is {smallest}: use --patch {' '.join(map(str, smallest))}" in str(error.value)
+    derived = derive_plans(hippocampus_plans, configuration, "x", patch_size=smallest)
+    assert derived["configurations"][configuration]["architecture"]["arch_kwargs"]["n_stages"] == MIN_STAGES
+    # smallest: the same proportions one step smaller are refused
+    for smaller in ([s - 1 for s in smallest], [s * 7 // 8 for s in smallest]):
+        with pytest.raises(NetworkConfigError):
+            derive_plans(hippocampus_plans, configuration, "x", patch_size=smaller)
+
+
+def test_every_backbone_trains_on_the_smallest_patch(hippocampus_plans):
+    # at least two deep-supervision outputs for every backbone, and a finite nnU-Net loss
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk.training.trainers import all_trainers
+    from tests.helpers.tiny import TINY_OPTIONS
+    plans = derive_plans(hippocampus_plans, "2d", "x", patch_size=[16, 16], backbone_opts=TINY_OPTIONS)
+    pm = PlansManager(plans)
+    trainers = {cls.backbone: cls for cls in all_trainers().values()}
+    for backbone, cls in sorted(trainers.items()):
+        net = cls.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
+        scales = net.deep_supervision_scales
+        assert len(scales) >= 2, backbone
+        weights = np.array([1 / 2 ** i for i in range(len(scales))])
+        weights[-1] = 0  # what nnU-Net's trainer does
+        loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False}, {}),
+                                      weights / weights.sum())
+        torch.manual_seed(0)
+        outputs = net(torch.randn(2, 1, 16, 16))
+        targets = [torch.randint(0, 3, (2, 1, *o.shape[2:])).float() for o in outputs]
+        assert torch.isfinite(loss(outputs, targets)), backbone
 
 
 @pytest.mark.parametrize("configuration,patch", [("2d", [56, 40]), ("3d_fullres", [40, 56, 40])])

@@ -204,8 +204,34 @@ def test_nan_loss_stops_with_epoch_and_iteration(hippocampus_plans, hippocampus_
     trainer._iteration = 1
     data = torch.full((2, 1, 56, 40), float("nan"))
     target = [torch.zeros(2, 1, 56, 40), torch.zeros(2, 1, 28, 20)]
-    with pytest.raises(FloatingPointError, match="epoch 3, iteration 2.*checkpoints already written were kept"):
+    with pytest.raises(FloatingPointError, match="epoch 3, iteration 2") as error:
         trainer.train_step({"data": data, "target": target})
+    # nothing on disk yet: the message says so, names no checkpoint, and asserts no single cause
+    message = str(error.value)
+    assert f"No checkpoint has been written to {trainer.output_folder} yet" in message and "without --c" in message
+    assert "checkpoint_latest" not in message and "checkpoint_best" not in message
+    for cause in ("NaN/Inf values in the training images", "learning rate", "patch too small"):
+        assert cause in message
+
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_latest.pth"))  # one exists now
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train_step({"data": data, "target": target})
+    message = str(error.value)
+    assert "left untouched: checkpoint_latest.pth;" in message and "--c" in message
+    assert "checkpoint_best" not in message and "No checkpoint" not in message
+
+
+def test_plans_with_one_deep_supervision_output_fail_before_training(hippocampus_plans, hippocampus_dataset_json,
+                                                                     nnunet_dirs):
+    # plans written by hand (nnunet-lk plans refuses this patch): 8x8 gets two stages, so one output
+    arch = hippocampus_plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    arch.update(n_stages=2, strides=[[1, 1], [2, 2]], kernel_sizes=[[3, 3], [3, 3]], features_per_stage=[32, 64],
+                n_conv_per_stage=[2, 2], n_conv_per_stage_decoder=[2])
+    hippocampus_plans["configurations"]["2d"].update(patch_size=[8, 8], nnunet_lk={"dlkunet_s": {"width": 8}})
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    with pytest.raises(NetworkConfigError, match=r"1 deep-supervision output.*--patch 16 16"):
+        trainer.initialize()
 
 
 @pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("on", True), ("0", False), ("off", False)])

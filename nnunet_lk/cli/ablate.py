@@ -1,4 +1,4 @@
-"""``nnunet-lk ablate``: argparse glue for :mod:`nnunet_lk.ablate`."""
+"""``nnunet-lk ablate``: argparse glue for the :mod:`nnunet_lk.ablate` package."""
 from __future__ import annotations
 
 import sys
@@ -12,22 +12,27 @@ def cmd_ablate(args) -> int:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 
     from .. import ablate as ab
-    from ..analysis import default_device
     for var, value in (("nnUNet_results", nnUNet_results), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value:
             raise ValueError(f"{var} is not set; export nnU-Net's folders first")
+    options = run_options(args)
     folds = list(args.folds)
     failed = []
     trainers = args.trainers
     if args.run:
         trainers = trainers or ab.default_run_trainers()
-        device = args.device or default_device()
         if args.epochs is None and args.iterations is None:
             _log("warning: --run without --epochs/--iterations trains nnU-Net's full budget (1000 x 250)")
-        records = ab.run_missing(args.dataset, args.configuration, args.plans, trainers, folds, epochs=args.epochs,
-                                 iterations=args.iterations, val_iterations=args.val_iterations, device=device,
-                                 results_root=nnUNet_results, log=_log, log_dir=args.output)
-        failed = [r for r in records if r["returncode"] != 0]
+        outcome = ab.run_pairs(args.dataset, args.configuration, args.plans, trainers, folds, device=_device(args),
+                               epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
+                               results_root=nnUNet_results, output=args.output, options=options, log=_log, out=print)
+        if outcome.dry_run:
+            return 0
+        if outcome.waiting:
+            _log(f"--no-wait: {len(outcome.waiting)} slurm job(s) queued or running ({', '.join(outcome.waiting)}); "
+                 f"run the same command again to report on them, and to write the report once all have finished")
+            return 0
+        failed = outcome.failed
     abl = ab.collect(nnUNet_results, nnUNet_preprocessed, args.dataset, args.configuration, args.plans,
                      trainers=trainers, folds=folds, baseline=args.baseline, nsd_tolerance=args.nsd_tolerance,
                      latency_repeats=args.latency_repeats, log=_log)
@@ -36,13 +41,58 @@ def cmd_ablate(args) -> int:
         abl.find_best = ab.find_best_configuration(args.dataset, args.configuration, args.plans, ours,
                                                    nnUNet_results, log=_log)
     for r in failed:
-        abl.notes.append(f"--run: {r['action']} {r['trainer']} fold {r['fold']} failed (exit {r['returncode']}); "
-                         f"see {args.output}/run_{r['trainer']}_fold{r['fold']}.log")
+        how = r.get("state") or f"exit {r['returncode']}"
+        log = r.get("log") or f"{args.output}/run_{r['trainer']}_fold{r['fold']}.log"
+        abl.notes.append(f"--run: {r['action']} {r['trainer']} fold {r['fold']} failed ({how}); see {log}")
     paths = ab.write_outputs(abl, args.output, plots=not args.no_plots)
     print(paths["markdown"].read_text())
     for p in paths.values():
         _log(f"wrote {p}")
     return 1 if failed or not abl.rows else 0
+
+
+def _device(args) -> str:
+    """--device, else: with --executor slurm cuda iff GPUs are asked for (the submitting machine's own GPUs say
+    nothing about the nodes'), otherwise cuda where torch sees a GPU."""
+    from ..analysis import default_device
+    if args.device:
+        return args.device
+    if args.executor == "slurm":
+        return "cuda" if args.slurm_gpus_per_node else "cpu"
+    return default_device()
+
+
+def run_options(args):
+    """RunOptions from the flags; flags that do nothing with the chosen executor are errors naming the fix."""
+    from ..ablate import executors, slurm
+    slurm_flags = [f"--slurm-{flag}" for flag in slurm.OPTIONS if getattr(args, "slurm_" + flag.replace("-", "_"))
+                   not in (None, [])]
+    given = dict(executor=args.executor != "sequential", **{"dry-run": args.dry_run, "no-wait": args.no_wait,
+                 "requeue": args.requeue, "jobs": args.jobs is not None,
+                 "threads-per-job": args.threads_per_job is not None})
+    if not args.run and (any(given.values()) or slurm_flags):
+        named = [f"--{k}" for k, v in given.items() if v] + slurm_flags
+        raise ValueError(f"{' '.join(named)} only apply to --run (training the missing folds); add --run")
+    not_slurm = [f for f, on in (("--no-wait", args.no_wait), ("--requeue", args.requeue)) if on] + slurm_flags
+    if args.executor != "slurm" and not_slurm:
+        raise ValueError(f"{' '.join(not_slurm)} only apply to --executor slurm")
+    if args.executor != "local" and (args.jobs is not None or args.threads_per_job is not None):
+        raise ValueError("--jobs/--threads-per-job only apply to --executor local")
+    if args.poll_seconds <= 0:
+        raise ValueError(f"--poll-seconds must be positive, got {args.poll_seconds}")
+    params = {}
+    if args.executor == "slurm":
+        gpus = args.slurm_gpus_per_node
+        if gpus is None and args.device == "cuda" and not args.slurm_extra:
+            gpus = 1   # --device cuda: one GPU per job unless asked otherwise
+        params = slurm.parameters(partition=args.slurm_partition, time_min=args.slurm_time,
+                                  cpus_per_task=args.slurm_cpus_per_task, gpus_per_node=gpus,
+                                  mem_gb=args.slurm_mem_gb, account=args.slurm_account, qos=args.slurm_qos,
+                                  constraint=args.slurm_constraint, array_parallelism=args.slurm_array_parallelism,
+                                  setup=args.slurm_setup or (), extra=args.slurm_extra or ())
+    return executors.RunOptions(executor=args.executor, jobs=args.jobs, threads_per_job=args.threads_per_job,
+                                wait=not args.no_wait, dry_run=args.dry_run, requeue=args.requeue,
+                                poll_seconds=args.poll_seconds, slurm=params)
 
 
 def register(subparsers) -> None:
@@ -67,9 +117,50 @@ def register(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-find-best", action="store_true", help="do not run nnUNetv2_find_best_configuration")
     p.add_argument("--run", action="store_true", help="train/resume/validate missing (trainer, fold) pairs first "
-                                                      "with nnUNetv2_train, one after the other")
+                                                      "with nnUNetv2_train (see --executor)")
     p.add_argument("--epochs", type=int, help="--run budget: NNUNET_LK_EPOCHS")
     p.add_argument("--iterations", type=int, help="--run budget: NNUNET_LK_ITERATIONS (per epoch)")
     p.add_argument("--val-iterations", type=int, help="--run budget: NNUNET_LK_VAL_ITERATIONS")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="--run device (default: cuda if available)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="--run device (default: cuda if available; with --executor slurm: cuda iff "
+                        "--slurm-gpus-per-node is given)")
+    _register_executors(p)
     p.set_defaults(func=cmd_ablate)
+
+
+def _register_executors(p) -> None:
+    from ..ablate.slurm import DEFAULT_TIME_MIN
+    g = p.add_argument_group("where --run trains")
+    g.add_argument("--executor", choices=("sequential", "local", "slurm"), default="sequential",
+                   help="sequential (default): one training after the other here; local: --jobs at once on this "
+                        "machine; slurm: one SLURM job per (trainer, configuration, fold) through submitit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the jobs, their commands and (slurm) the sbatch script; run and submit nothing")
+    g.add_argument("--jobs", type=int, help="local: trainings at once (default: one per visible GPU with "
+                                            "--device cuda, else 1); each gets CUDA_VISIBLE_DEVICES=<its GPU>")
+    g.add_argument("--threads-per-job", type=int,
+                   help="local: OMP/MKL/torch threads and nnUNet_n_proc_DA per training (default: cores // --jobs)")
+    g.add_argument("--no-wait", action="store_true",
+                   help="slurm: submit, print the job ids and return; run the command again to report")
+    g.add_argument("--requeue", action="store_true",
+                   help="slurm: a job reaching its time limit is checkpointed and requeued by submitit and "
+                        "resumes with --c (up to 3 times)")
+    g.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="slurm: how often the queue is checked while waiting (default 30)")
+    s = p.add_argument_group("SLURM options (--executor slurm; submitit's SlurmExecutor parameter in brackets)")
+    s.add_argument("--slurm-partition", help="sbatch --partition [partition]")
+    s.add_argument("--slurm-time", type=int, metavar="MINUTES",
+                   help=f"time limit per job [time; AutoExecutor: timeout_min] (default {DEFAULT_TIME_MIN})")
+    s.add_argument("--slurm-cpus-per-task", type=int,
+                   help="[cpus_per_task]; also each job's thread budget and nnUNet_n_proc_DA")
+    s.add_argument("--slurm-gpus-per-node", type=int, help="[gpus_per_node] (default 1 with --device cuda)")
+    s.add_argument("--slurm-mem-gb", type=int, help="sbatch --mem in GB [mem; AutoExecutor: mem_gb]")
+    s.add_argument("--slurm-account", help="[account]")
+    s.add_argument("--slurm-qos", help="[qos]")
+    s.add_argument("--slurm-constraint", help="[constraint]")
+    s.add_argument("--slurm-array-parallelism", type=int,
+                   help="jobs of the array running at once, sbatch --array=0-N%%P [array_parallelism] (default 256)")
+    s.add_argument("--slurm-setup", action="append", metavar="LINE",
+                   help="a shell line run before each job, e.g. 'module load cuda' (repeatable) [setup]")
+    s.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                   help="any other #SBATCH --KEY=VALUE, or --KEY alone (repeatable) [additional_parameters]")

@@ -1,4 +1,5 @@
-"""``nnunet-lk doctor``: is the plugin installed so that the stock nnU-Net CLIs find every trainer?"""
+"""``nnunet-lk doctor``: is the plugin installed so that the stock nnU-Net CLIs find every trainer? The exit
+status reflects the installation only; nnU-Net's data folders, unset right after installing, are warnings."""
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,7 @@ def run_doctor(verbose: bool = False) -> int:
           "run `nnunet-lk env --install` once (or `eval \"$(nnunet-lk env)\"` in each shell)")
     check(lk_env.pth_installed(), "start-up hook installed (no shell set-up needed)",
           "run `nnunet-lk env --install` once in this environment")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        check(bool(os.environ.get(var)), f"{var} is set", f"export {var}=/path/to/{var} (see nnU-Net's docs)")
+    warnings = data_folder_warnings()
 
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from ..training.trainers import all_trainers
@@ -52,5 +52,23 @@ def run_doctor(verbose: bool = False) -> int:
                   "run `nnunet-lk env --install`, then `nnunet-lk doctor` again")
         if verbose:
             print(log.getvalue())
-    print("all good" if not problems else f"{len(problems)} problem(s) found")
+    notes = f" ({len(warnings)} warning(s): data folders, needed before planning, training and predicting)" \
+        if warnings else ""
+    print(("the installation is good" if not problems else f"{len(problems)} installation problem(s) found") + notes)
     return 0 if not problems else 1
+
+
+def data_folder_warnings() -> list:
+    """nnU-Net's three data folders: unset is normal right after installing, so a warning, not a failure."""
+    warnings = []
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        value = os.environ.get(var)
+        if value and os.path.isdir(value):
+            print(f"[ok] {var}={value}")
+            continue
+        problem = f"{var} is not set" if not value else f"{var}={value} is not a folder (yet)"
+        warnings.append(problem)
+        print(f"[warn] {problem}")
+        print(f"       set it before using nnU-Net: export {var}=/path/to/{var}"
+              + (f" (or create it: mkdir -p {value})" if value else ""))
+    return warnings

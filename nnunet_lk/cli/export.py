@@ -25,12 +25,14 @@ def cmd_export(args) -> int:
 
 def cmd_predict_onnx(args) -> int:
     from ..export import ExportError, onnx_predictor
+    from ..nonfinite_inputs import NonFiniteInputError, refuse_non_finite_inputs
     from ..training.base import CheckpointError
     try:
         predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
                                    use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
                                    threads=args.threads, verbose=args.verbose)
-    except (ExportError, CheckpointError) as e:
+        refuse_non_finite_inputs(args.input, predictor)
+    except (ExportError, CheckpointError, NonFiniteInputError) as e:
         print(f"nnunet-lk predict-onnx: error: {e}", file=sys.stderr)
         return 1
     os.makedirs(args.output, exist_ok=True)  # nnU-Net's sequential path expects it
@@ -62,7 +64,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict-onnx", help="nnUNetv2_predict with the network replaced by an exported ONNX model",
         description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) "
-                    "with onnxruntime computing the logits.")
+                    "with onnxruntime computing the logits. Input cases with NaN/Inf voxels are refused before "
+                    "anything is predicted.")
     p.add_argument("-i", "--input", required=True, help="folder of images named as for nnUNetv2_predict")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder the ONNX came from")

@@ -1,4 +1,5 @@
-"""``nnunet-lk``: list, summary, env, doctor, plans (and the tools registered by other modules)."""
+"""The ``nnunet-lk`` command: list, summary, env, doctor, plans here; bench, ablate, export and predict-onnx
+register themselves from their own modules (``_extra_commands``)."""
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from ..analysis import summarize_network
+    from ..analysis import summarize_network, summary_configuration
     overrides = dict(_parse_option(o) for o in args.option or [])
-    result = summarize_network(args.name, dim=args.dim, input_channels=args.in_channels, num_classes=args.classes,
-                               patch_size=args.patch, strides=json.loads(args.strides) if args.strides else None,
+    configuration = summary_configuration(args.name, args.dim, args.in_channels, args.classes, args.patch)
+    result = summarize_network(args.name, **configuration,
+                               strides=json.loads(args.strides) if args.strides else None,
                                deep_supervision=args.deep_supervision, **overrides)
     if args.json:
         print(json.dumps(result))
@@ -122,24 +124,38 @@ def _parse_option(item: str):
         return key, value
 
 
+DESCRIPTION = """Lightweight large-kernel segmentation backbones (DLKUNet S/M/L, LGMSNet, LM-Net, MS-LKSeg) as
+nnU-Net v2 trainers. Train and predict with the stock commands (nnUNetv2_train ... -tr nnUNetTrainerDLKUNetL);
+these tools list the backbones, check the installation, derive plans, and benchmark, compare and export models."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet-lk", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nnunet-lk", description=DESCRIPTION,
+                                     epilog="Start with `nnunet-lk doctor` and `nnunet-lk list`; "
+                                            "`nnunet-lk COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="backbone names and trainer names")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("summary", help="build a backbone and print params and MACs")
-    p.add_argument("name")
-    p.add_argument("--dim", type=int, choices=(2, 3), required=True)
-    p.add_argument("--in-channels", type=int, required=True)
-    p.add_argument("--classes", type=int, required=True)
-    p.add_argument("--patch", type=int, nargs="+", required=True, help="D H W (3D) or H W (2D)")
-    p.add_argument("--strides", help="plans-style per-stage strides as JSON, e.g. '[[1,1],[2,2],[2,2]]'")
-    p.add_argument("--option", action="append", help="backbone option KEY=VALUE (e.g. width=32)")
-    p.add_argument("--deep-supervision", action="store_true")
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = sub.add_parser("summary", help="build a backbone and print params and MACs (default: the paper's "
+                                       "configuration)",
+                       description="Build a backbone and print its parameters and MACs. Without flags: the "
+                                   "paper's configuration (e.g. dlkunet_s 2D 1->9 at 224x224), whose parameter "
+                                   "count is the official one; each flag replaces one value.")
+    p.add_argument("name", help="backbone name (`nnunet-lk list`), e.g. dlkunet_s")
+    p.add_argument("--dim", type=int, choices=(2, 3), help="2 or 3 (default: the paper's; --dim 3 picks the "
+                                                           "paper's 3D configuration where there is one)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: the paper's)")
+    p.add_argument("--classes", type=int, help="output classes (default: the paper's)")
+    p.add_argument("--patch", type=int, nargs="+", help="input size, D H W (3D) or H W (2D) (default: the paper's)")
+    p.add_argument("--strides", help="plans-style per-stage strides as JSON, e.g. '[[1,1],[2,2],[2,2]]' "
+                                     "(default: the paper's x2 pyramid)")
+    p.add_argument("--option", action="append", help="backbone option KEY=VALUE (e.g. width=32); repeatable")
+    p.add_argument("--deep-supervision", action="store_true",
+                   help="build with deep supervision on (outputs at every decoder level, as in training)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("env", help="shell lines that make nnU-Net find our trainers")
@@ -148,21 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("doctor", help="check the installation through nnU-Net's own trainer lookup")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print nnU-Net's own lookup messages")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plans", help="derive a plans variant (patch, batch, backbone options) without "
                                      "re-preprocessing; train it with -p NAME")
-    p.add_argument("-d", "--dataset")
-    p.add_argument("-c", "--configuration")
+    p.add_argument("-d", "--dataset", help="dataset id or name, as for nnUNetv2_train (e.g. 4)")
+    p.add_argument("-c", "--configuration", help="configuration to change, e.g. 2d or 3d_fullres")
     p.add_argument("-p", "--source", default="nnUNetPlans", help="source plans name (default nnUNetPlans)")
     p.add_argument("--name", help="new plans name (e.g. nnUNetPlans_cpu)")
-    p.add_argument("--patch", type=int, nargs="+")
-    p.add_argument("--batch", type=int)
+    p.add_argument("--patch", type=int, nargs="+", help="new patch size (the topology is re-planned for it; sizes "
+                                                        "that do not fit are refused with the nearest that do)")
+    p.add_argument("--batch", type=int, help="new batch size")
     p.add_argument("--preset", help="a preset name from `--list-presets` or a JSON file")
     p.add_argument("--option", action="append", help="backbone option BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
     p.add_argument("--force", action="store_true", help="replace an existing derived plans file")
-    p.add_argument("--list-presets", action="store_true")
+    p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     p.set_defaults(func=cmd_plans)
 
     for register in _extra_commands():

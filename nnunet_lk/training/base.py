@@ -151,6 +151,16 @@ class nnUNetTrainerLK(nnUNetTrainer):
         heads = len(network.decoder.seg_layers)
         if len(scales) != heads:
             raise RuntimeError(f"{self.backbone}: {heads} deep-supervision heads but {len(scales)} scales")
+        if len(scales) < 2:  # nnU-Net weights the lowest output 0 and normalises: one output gives 0 / 0 = NaN
+            from ..patch_sizes import smallest_working_patch
+            patch = list(self.configuration_manager.patch_size)
+            raise NetworkConfigError(
+                f"{type(self).__name__}: {self.backbone} has {len(network.level_strides)} level(s) on these plans "
+                f"(patch {patch}, {len(self.configuration_manager.pool_op_kernel_sizes)} stages), so "
+                f"{len(scales)} deep-supervision output; nnU-Net's loss needs at least 2 (it would weight a single "
+                f"one 0 / 0 and stop with a NaN loss). Use a larger patch, e.g. `nnunet-lk plans ... --patch "
+                f"{' '.join(map(str, smallest_working_patch(self.configuration_manager.spacing, patch)))}`, or "
+                f"more levels in this backbone's options.")
         return scales
 
     def _build_loss(self):
@@ -191,12 +201,28 @@ class nnUNetTrainerLK(nnUNetTrainer):
             result = self._compiled_or_eager(super().train_step, batch)
         if not np.isfinite(result["loss"]).all():
             # Stop before on_epoch_end can write a checkpoint with broken weights.
-            raise FloatingPointError(
-                f"{type(self).__name__}: the training loss is {result['loss']} at epoch {self.current_epoch}, "
-                f"iteration {self._iteration}. The checkpoints already written were kept (last complete epoch: "
-                f"checkpoint_latest.pth, best: checkpoint_best.pth). Resume with --c after lowering the learning "
-                f"rate (initial_lr) or checking the input data for NaN/Inf.")
+            raise FloatingPointError(self._non_finite_loss_message(result["loss"]))
         return result
+
+    def _non_finite_loss_message(self, loss) -> str:
+        """What happened, what is on disk (nothing else is claimed), and the likely causes, none asserted."""
+        folder = self.output_folder
+        present = [name for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                   if os.path.isfile(os.path.join(folder, name))]
+        if present:
+            disk = (f"Checkpoints in {folder}, written before this step and left untouched: {', '.join(present)}; "
+                    f"after removing the cause, `nnUNetv2_train ... --c` resumes from the first of "
+                    f"checkpoint_final/latest/best that exists.")
+        else:
+            disk = (f"No checkpoint has been written to {folder} yet, so there is nothing to resume: after removing "
+                    f"the cause, start the training again without --c.")
+        patch = list(self.configuration_manager.patch_size)
+        return (f"{type(self).__name__}: the training loss is {loss} at epoch {self.current_epoch}, iteration "
+                f"{self._iteration}; training stopped before a checkpoint with broken weights could be written. "
+                f"{disk} Likely causes (check each): NaN/Inf values in the training images; a learning rate too "
+                f"high for this network (initial_lr {self.initial_lr}); a patch too small for the plans' network "
+                f"(patch {patch}, {len(self.configuration_manager.pool_op_kernel_sizes)} stages; `nnunet-lk plans "
+                f"--patch` refuses those); a corrupted preprocessed case (re-run nnUNetv2_plan_and_preprocess).")
 
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is set on any DDP rank (all ranks must redo a step together)."""
@@ -281,17 +307,35 @@ class nnUNetTrainerLK(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
 
 
+# nnUNetv2_train --c loads the first of these that exists (nnunetv2.run.run_training.maybe_load_checkpoint).
+RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def checkpoint_alternatives(filename: str) -> str:
+    """What to use instead of the unusable ``filename``, naming only checkpoints that exist beside it."""
+    folder, name = os.path.split(os.path.abspath(filename))
+    others = sorted(p for p in os.listdir(folder) if p.endswith(".pth") and p != name) if os.path.isdir(folder) else []
+    if not others:
+        return (f"{folder} holds no other checkpoint: move {name} aside and train this fold again (nnUNetv2_train "
+                f"without --c).")
+    resume = next((p for p in RESUME_ORDER if p in others), None)
+    train = (f"To train on, move {name} aside: `nnUNetv2_train ... --c` then continues from {resume}." if resume
+             else "`nnUNetv2_train ... --c` finds none of them to resume from: retrain the fold.")
+    return (f"Other checkpoints in {folder}: {', '.join(others)}. To predict, choose one with -chk (e.g. -chk "
+            f"{resume or others[0]}). {train}")
+
+
 def read_checkpoint(filename: str) -> dict:
     """Load an nnU-Net checkpoint, turning truncated or foreign files into a clear error."""
     try:
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for truncated/corrupt zip archives
         raise CheckpointError(
-            f"{filename} cannot be read ({type(e).__name__}: {e}). It is truncated or not a torch file: "
-            f"delete it and resume from another checkpoint (checkpoint_latest/best) or retrain the fold.") from e
+            f"{filename} cannot be read ({type(e).__name__}: {e}). It is truncated or not a torch file. "
+            f"{checkpoint_alternatives(filename)}") from e
     missing = [k for k in ("network_weights", "init_args", "trainer_name", "current_epoch")
                if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise CheckpointError(f"{filename} is not an nnU-Net checkpoint (missing {missing}); give the "
-                              f"checkpoint_final.pth of an nnU-Net training")
+                              f"checkpoint_final.pth of an nnU-Net training. {checkpoint_alternatives(filename)}")
     return checkpoint

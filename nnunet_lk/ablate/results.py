@@ -1,0 +1,151 @@
+"""Where nnU-Net keeps a trainer's results and what its files say: fold folders, validation summaries,
+training logs (a resumed fold has several; later ones win per epoch) and the checkpoint's ``logging`` dict."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..bench import STOCK_BUDGET_TRAINER, STOCK_TRAINER
+
+
+ALL_FOLDS = (0, 1, 2, 3, 4)
+
+
+EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$")
+
+
+EPOCH_TIME = re.compile(r"Epoch time: ([0-9.eE+-]+) s")
+
+
+TRAIN_LOSS = re.compile(r"train_loss (-?[0-9.eE+-]+|nan)")
+
+
+VAL_LOSS = re.compile(r"val_loss (-?[0-9.eE+-]+|nan)")
+
+
+PSEUDO_DICE = re.compile(r"Pseudo dice \[(.*)\]")
+
+
+@dataclass
+class FoldRun:
+    trainer: str
+    fold: int
+    path: Path
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "checkpoint_final.pth").is_file()
+
+    @property
+    def validated(self) -> bool:
+        return (self.path / "validation" / "summary.json").is_file()
+
+    @property
+    def resumable(self) -> bool:
+        return any((self.path / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_best.pth"))
+
+
+def model_folder(results_root, dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    return Path(results_root) / dataset / f"{trainer}__{plans}__{configuration}"
+
+
+def discover_trainers(results_root, dataset: str, plans: str, configuration: str) -> List[str]:
+    folder = Path(results_root) / dataset
+    suffix = f"__{plans}__{configuration}"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-len(suffix)] for p in folder.iterdir() if p.is_dir() and p.name.endswith(suffix))
+
+
+def default_baseline(trainers: Sequence[str]) -> Optional[str]:
+    for name in (STOCK_TRAINER, STOCK_BUDGET_TRAINER):
+        if name in trainers:
+            return name
+    return None
+
+
+def label_names(dataset_json: dict) -> Dict[str, str]:
+    """summary.json class key ("1", "(1, 2)") -> name from dataset.json's labels."""
+    names = {}
+    for name, value in dataset_json.get("labels", {}).items():
+        if isinstance(value, (list, tuple)):
+            key = str(tuple(int(v) for v in value)) if len(value) > 1 else str(int(value[0]))
+        else:
+            key = str(int(value))
+        names[key] = name
+    return names
+
+
+def read_validation_summary(fold: FoldRun, file_ending: str) -> Dict[str, Dict[str, float]]:
+    """case -> {class key: Dice} from nnU-Net's fold_F/validation/summary.json."""
+    summary = json.loads((fold.path / "validation" / "summary.json").read_text())
+    per_case = {}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["prediction_file"])
+        case = case[:-len(file_ending)] if case.endswith(file_ending) else case
+        per_case[case] = {str(k): _float(v.get("Dice")) for k, v in entry["metrics"].items()}
+    return per_case
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def parse_training_logs(fold_path: Path) -> Dict[int, dict]:
+    """epoch -> {epoch_time, train_loss, val_loss, pseudo_dice} from nnU-Net's logs (later logs win)."""
+    epochs: Dict[int, dict] = {}
+    for log in sorted(Path(fold_path).glob("training_log_*.txt")):
+        current = None
+        for line in log.read_text(errors="replace").splitlines():
+            m = EPOCH_LINE.search(line)
+            if m:
+                current = int(m.group(1))
+                epochs[current] = {}
+                continue
+            if current is None:
+                continue
+            for name, pattern in (("epoch_time", EPOCH_TIME), ("train_loss", TRAIN_LOSS), ("val_loss", VAL_LOSS)):
+                m = pattern.search(line)
+                if m:
+                    epochs[current][name] = _float(m.group(1))
+            m = PSEUDO_DICE.search(line)
+            if m:
+                values = [_float(v.strip().replace("np.float32(", "").replace("np.float64(", "").rstrip(")"))
+                          for v in m.group(1).split(",") if v.strip()]
+                epochs[current]["pseudo_dice"] = float(np.nanmean(values)) if values else math.nan
+    return {e: v for e, v in epochs.items() if v}
+
+
+def checkpoint_curves(fold_path: Path) -> Dict[int, dict]:
+    """The same from the checkpoint's 'logging' dict, for folds whose logs are gone."""
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        f = Path(fold_path) / name
+        if f.is_file():
+            import torch
+            try:
+                logging = torch.load(f, map_location="cpu", weights_only=False).get("logging", {})
+            except Exception:
+                continue
+            n = len(logging.get("train_losses", []))
+            out = {}
+            for e in range(n):
+                entry = {"train_loss": _float(logging["train_losses"][e])}
+                for key, src in (("val_loss", "val_losses"), ("pseudo_dice", "mean_fg_dice")):
+                    if e < len(logging.get(src, [])):
+                        entry[key] = _float(logging[src][e])
+                starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
+                if e < len(starts) and e < len(ends):
+                    entry["epoch_time"] = float(ends[e] - starts[e])
+                out[e] = entry
+            return out
+    return {}

@@ -1,0 +1,65 @@
+"""Input images with NaN or Inf voxels, found before ``nnunet-lk predict-onnx`` predicts anything.
+
+nnU-Net does not check for them. Formats that keep NaN (NRRD, MHA; SimpleITK reads NaN in NIfTI as 0)
+reach its z-score normalisation, whose mean and standard deviation over the image become NaN: every voxel
+of the case turns NaN, the logits too, and the saved segmentation is all background, with exit status 0.
+The images are read with the reader the plans name, as nnU-Net's preprocessing reads them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+
+class NonFiniteInputError(ValueError):
+    """Input cases contain NaN/Inf voxels; the message names them and the fix."""
+
+
+def cases_in_folder(folder: str, file_ending: str) -> Dict[str, List[str]]:
+    """case id -> its channel files (CASE_XXXX<file_ending>), in channel order, as nnU-Net groups them."""
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    cases: Dict[str, List[Tuple[int, str]]] = {}
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        if match:
+            cases.setdefault(match.group(1), []).append((int(match.group(2)), os.path.join(folder, name)))
+    return {case: [path for _, path in sorted(files)] for case, files in sorted(cases.items())}
+
+
+def non_finite_voxels(folder: str, file_ending: str, reader) -> Dict[str, List[Tuple[str, int, int]]]:
+    """case id -> [(file name, non-finite voxels, voxels)] for each channel file that has any."""
+    found = {}
+    for case, files in cases_in_folder(folder, file_ending).items():
+        bad = []
+        for path in files:
+            image, _ = reader.read_images([path])
+            count = int(image.size - np.count_nonzero(np.isfinite(image)))
+            if count:
+                bad.append((os.path.basename(path), count, int(image.size)))
+        if bad:
+            found[case] = bad
+    return found
+
+
+def refuse_non_finite_inputs(folder: str, predictor) -> None:
+    """Raise ``NonFiniteInputError`` naming every case of ``folder`` with NaN/Inf voxels (nothing is written)."""
+    if not os.path.isdir(folder):
+        return  # nnU-Net's predictor reports a missing input folder itself
+    file_ending = predictor.dataset_json["file_ending"]
+    reader = predictor.plans_manager.image_reader_writer_class()
+    found = non_finite_voxels(folder, file_ending, reader)
+    if not found:
+        return
+    total = len(cases_in_folder(folder, file_ending))
+    listed = "; ".join(f"{case}: " + ", ".join(f"{name} has {count:,} of {size:,} voxels NaN/Inf"
+                                               for name, count, size in files)
+                       for case, files in list(found.items())[:10])
+    more = f"; and {len(found) - 10} more" if len(found) > 10 else ""
+    raise NonFiniteInputError(
+        f"{len(found)} of {total} input cases in {folder} contain non-finite values (NaN/Inf): {listed}{more}. "
+        f"nnU-Net does not check for them: with its z-score normalisation one NaN voxel turns the whole case into "
+        f"NaN logits and an all-background segmentation. Replace them (e.g. with 0 or the image's minimum) or move "
+        f"these cases out of -i. Nothing was predicted.")
