@@ -348,3 +348,66 @@ def test_checkpoint_keys_are_nnunets_own_plus_ours(hippocampus_plans, hippocampu
     trainer.save_checkpoint(str(tmp_path / "ours.pth"))
     ours = torch.load(tmp_path / "ours.pth", weights_only=False)
     assert set(written["nnunet"]) == set(ours) - {"nnunet_lk"}
+
+
+# ---- training recipes ----------------------------------------------------------------------------------------
+def test_recipe_variants_combine_with_every_loss_variant_and_skip_backbones_without_one():
+    trainers = all_trainers()
+    for plain in lk_trainers.PLAIN_TRAINERS:
+        for loss in ("", "_PhaseLoss", "_ConstLoss"):
+            name = f"{plain.__name__}_PaperRecipe{loss}"
+            if plain.backbone == "mslkseg":  # no recipe published: none invented
+                assert name not in trainers
+            else:
+                assert trainers[name].recipe == "paper" and issubclass(trainers[name], plain)
+                assert trainers[name].loss_schedule == {"": "sigmoid", "_PhaseLoss": "phase",
+                                                        "_ConstLoss": "constant"}[loss]
+    assert nnUNetTrainerDLKUNetM.recipe is None  # the plain trainers keep nnU-Net's recipe
+
+
+def test_paper_recipe_trainer_builds_adam_steps_its_rate_and_resumes_the_optimiser(
+        hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch, tmp_path):
+    from nnunet_lk.training.recipes import learning_rate, paper_recipe
+    monkeypatch.setenv("NNUNET_LK_EPOCHS", "40")
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    cls = all_trainers()["nnUNetTrainerDLKUNetS_PaperRecipe_PhaseLoss"]
+    trainer = _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+    trainer.initialize()
+    assert type(trainer.optimizer) is torch.optim.Adam
+    assert (trainer.optimizer.defaults["lr"], trainer.optimizer.defaults["weight_decay"]) == (1e-3, 1e-5)
+    # the official StepLR(20 of 400 epochs, 0.9) over progress: a step every 2 of 40 epochs
+    for epoch, expected in [(0, 1e-3), (1, 1e-3), (2, 0.9e-3), (39, 1e-3 * 0.9 ** 19)]:
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+        assert (trainer.loss.loss.weight_dice, trainer.loss.loss.weight_ce) == ((0.6, 0.4) if epoch < 20 else (0.7, 0.3))
+    assert "Training recipe (paper): adam, lr 0.001" in open(trainer.log_file).read()
+
+    # one real optimiser step, so that Adam has moments to save
+    x = torch.randn(2, 1, 56, 40)
+    trainer.network.train()
+    sum(o.float().square().mean() for o in trainer.network(x)).backward()
+    trainer.optimizer.step()
+    trainer.current_epoch = 6
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+
+    monkeypatch.delenv("NNUNET_LK_EPOCHS")
+    resumed = _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+    resumed.load_checkpoint(path)  # what --c does
+    assert resumed.num_epochs == 40 and resumed.current_epoch == 7 and type(resumed.optimizer) is torch.optim.Adam
+    saved, restored = trainer.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys() and saved
+    for key in saved:
+        assert torch.equal(saved[key]["exp_avg"], restored[key]["exp_avg"])
+        assert torch.equal(saved[key]["exp_avg_sq"], restored[key]["exp_avg_sq"])
+    resumed.on_train_epoch_start()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(paper_recipe("dlkunet_s", 2), 7, 40))
+
+
+def test_paper_recipe_of_a_backbone_without_one_fails_at_construction(hippocampus_plans, hippocampus_dataset_json,
+                                                                       nnunet_dirs):
+    class nnUNetTrainerMSLKSegPaper(lk_trainers.nnUNetTrainerMSLKSeg):
+        recipe = "paper"
+    with pytest.raises(NetworkConfigError, match="no paper recipe"):
+        _make_trainer(nnUNetTrainerMSLKSegPaper, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)

@@ -29,6 +29,7 @@ from ..losses.schedules import get_schedule, progress
 from ..networks import build_backbone, get_backbone
 from ..networks.unet import NetworkConfigError
 from ..plans import backbone_options, configuration_strides, validate_configuration
+from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
 
 # Short-budget knobs read by every nnunet-lk trainer (nnU-Net's own idiom is a class per budget,
 # e.g. nnUNetTrainer_5epochs; one set of variables covers every backbone and loss variant).
@@ -100,11 +101,13 @@ class CheckpointError(RuntimeError):
 
 class nnUNetTrainerLK(nnUNetTrainer):
     """Base of every nnunet-lk trainer. Subclasses set ``backbone`` (a registry name) and optionally
-    ``loss_schedule`` / ``loss_schedule_params``."""
+    ``loss_schedule`` / ``loss_schedule_params``, and ``recipe`` ("paper": the optimiser and learning-rate
+    schedule of the backbone's paper or official code, ``training/recipes.py``; None: nnU-Net's own)."""
 
     backbone: Optional[str] = None
     loss_schedule: str = "sigmoid"
     loss_schedule_params: dict = {}
+    recipe: Optional[str] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -122,6 +125,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
                 f"but configuration {configuration!r} is {dim}D. Use a "
                 f"{'2d' if 2 in spec.dims else '3d_fullres'} configuration.")
         self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
+        self._recipe = paper_recipe(self.backbone, dim) if self.recipe == "paper" else None  # fails now if none
         for attribute, env in BUDGET_ENV.items():
             value = _env_int(env)
             if value is not None:
@@ -168,6 +172,15 @@ class nnUNetTrainerLK(nnUNetTrainer):
         if self.enable_deep_supervision:
             loss = StrictDeepSupervisionWrapper(loss.loss, loss.weight_factors)
         return loss
+
+    def configure_optimizers(self):
+        if self._recipe is None:
+            return super().configure_optimizers()
+        optimizer = make_optimizer(self._recipe, self.network.parameters())
+        self.print_to_log_file(f"Training recipe ({self.recipe}): {self._recipe.optimizer}, lr {self._recipe.lr}, "
+                               f"weight decay {self._recipe.weight_decay}, {self._recipe.schedule} schedule "
+                               f"({self._recipe.source})")
+        return optimizer, RecipeLRScheduler(optimizer, self._recipe, lambda: self.num_epochs)
 
     # ---- loss schedule ---------------------------------------------------------------------------
     def loss_weights_for_epoch(self, epoch: int):
@@ -266,7 +279,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
     # ---- checkpoints -----------------------------------------------------------------------------
     def _budget(self) -> dict:
         return {a: int(getattr(self, a)) for a in BUDGET_ENV} | {"loss_schedule": self.loss_schedule,
-                                                                 "backbone": self.backbone}
+                                                                 "backbone": self.backbone, "recipe": self.recipe}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:

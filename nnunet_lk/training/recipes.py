@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -113,14 +113,16 @@ def make_optimizer(recipe: Recipe, parameters) -> torch.optim.Optimizer:
 
 class RecipeLRScheduler:
     """Sets the learning rate from the epoch, as nnU-Net's PolyLRScheduler does (``step(current_epoch)`` at
-    every epoch start), so ``--c`` continues the schedule exactly: no state but the epoch."""
+    every epoch start), so ``--c`` continues the schedule exactly: no state but the epoch. ``num_epochs`` may
+    be a callable (the trainer's current budget)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, recipe: Recipe, num_epochs: int):
-        self.optimizer, self.recipe, self.num_epochs = optimizer, recipe, num_epochs
+    def __init__(self, optimizer: torch.optim.Optimizer, recipe: Recipe, num_epochs: Union[int, Callable[[], int]]):
+        self.optimizer, self.recipe = optimizer, recipe
+        self._num_epochs = num_epochs if callable(num_epochs) else (lambda: num_epochs)
         self.step(0)
 
     def step(self, current_epoch: Optional[int] = None) -> None:
-        lr = learning_rate(self.recipe, current_epoch or 0, self.num_epochs)
+        lr = learning_rate(self.recipe, current_epoch or 0, self._num_epochs())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
