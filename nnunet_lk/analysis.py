@@ -6,6 +6,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import UsageError
 from .networks import build_backbone, get_backbone
 from .networks.unet import count_parameters
 
@@ -59,7 +60,7 @@ def summary_configuration(name: str, dim: Optional[int] = None, input_channels: 
                    if given[key] is None]
         if missing:
             known = ", ".join(f"{c.dim}D" for c in PAPER_CONFIGURATIONS.get(name, [])) or "none"
-            raise ValueError(f"{name} has no paper configuration{f' in {dim}D' if dim else ''} (known: {known}); "
+            raise UsageError(f"{name} has no paper configuration{f' in {dim}D' if dim else ''} (known: {known}); "
                              f"give {' '.join(missing)}")
         return given
     defaults = {"dim": paper.dim, "input_channels": paper.input_channels, "num_classes": paper.num_classes,
@@ -70,7 +71,7 @@ def summary_configuration(name: str, dim: Optional[int] = None, input_channels: 
 def summarize_network(name: str, *, dim: int, input_channels: int, num_classes: int, patch_size, strides=None,
                       deep_supervision: bool = False, **overrides) -> dict:
     if len(patch_size) != dim:
-        raise ValueError(f"--patch needs {dim} values for a {dim}D network, got {list(patch_size)}")
+        raise UsageError(f"--patch needs {dim} values for a {dim}D network, got {list(patch_size)}")
     network = build_backbone(name, dim=dim, input_channels=input_channels, num_classes=num_classes,
                              strides=strides, patch_size=patch_size, deep_supervision=deep_supervision, **overrides)
     return {

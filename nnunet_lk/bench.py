@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .blocks.reparam import unfused
+from .errors import UsageError
+from .nnunet_io import dataset_name  # noqa: F401  (re-exported: ablate and the CLI resolve names here)
 from .networks.unet import count_parameters
 
 STOCK_TRAINER = "nnUNetTrainer"
@@ -64,34 +66,22 @@ def resolve_trainer(name: str):
     if name == STOCK_BUDGET_TRAINER:
         from .training.stock import nnUNetTrainerStockBudget
         return nnUNetTrainerStockBudget
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return recursive_find_trainer_class_by_name(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown trainer {name!r}: not an nnunet-lk trainer (`nnunet-lk list`) and nnU-Net "
-                         f"cannot find it ({e})") from None
-
-
-def dataset_name(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise ValueError(f"dataset {dataset!r}: {e}") from None
+    from .nnunet_io import find_trainer_class
+    return find_trainer_class(name, not_found_hint=f"unknown trainer {name!r}: not an nnunet-lk trainer "
+                                                   f"(`nnunet-lk list`) and nnU-Net cannot find it")
 
 
 def load_plans(dataset: str, plans_name: str = "nnUNetPlans"):
     """(plans, dataset_json, dataset folder name) from $nnUNet_preprocessed/DatasetXXX/."""
     from nnunetv2.paths import nnUNet_preprocessed
     if not nnUNet_preprocessed:
-        raise ValueError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
+        raise UsageError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
     name = dataset_name(dataset)
     folder = Path(nnUNet_preprocessed) / name
     plans_file, dataset_file = folder / f"{plans_name}.json", folder / "dataset.json"
     for f in (plans_file, dataset_file):
         if not f.is_file():
-            raise ValueError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
+            raise UsageError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
                              f"(or name existing plans with -p)")
     return json.loads(plans_file.read_text()), json.loads(dataset_file.read_text()), name
 
@@ -102,7 +92,7 @@ def plans_context(plans: dict, dataset_json: dict, configuration: str):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     pm = PlansManager(plans)
     if configuration not in plans.get("configurations", {}):
-        raise ValueError(f"configuration {configuration!r} is not in the plans; available: "
+        raise UsageError(f"configuration {configuration!r} is not in the plans; available: "
                          f"{', '.join(plans.get('configurations', {}))}")
     cm = pm.get_configuration(configuration)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
@@ -317,9 +307,9 @@ def run_bench(plans: dict, dataset_json: dict, configuration: str, *, trainers: 
     import nnunetv2
 
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats}, {warmup})")
+        raise UsageError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats}, {warmup})")
     if batch is not None and batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise UsageError(f"--batch must be >= 1, got {batch}")
     _, cm, n_in, n_out = plans_context(plans, dataset_json, configuration)
     names = list(trainers) if trainers else default_trainers()
     names = [STOCK_TRAINER] + [t for t in names if t != STOCK_TRAINER]

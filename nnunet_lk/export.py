@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import math
 import os
@@ -39,15 +38,12 @@ import torch
 import torch.nn as nn
 
 from .blocks.ops import with_axiswise_norms
-from .training.base import CheckpointError, read_checkpoint
+from .errors import CheckpointError, ExportError, TrainerNotFoundError
+from .nnunet_io import read_checkpoint
 
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done or does not reproduce PyTorch; the message says why and what to do."""
 
 
 # ---- the model folder ------------------------------------------------------------------------------------
@@ -66,17 +62,16 @@ class LoadedFold:
 
 
 def find_trainer_class(trainer_name: str, checkpoint_path: str):
-    """nnU-Net's own lookup (``recursive_find_trainer_class_by_name``), with our folder on its path."""
-    from . import env as lk_env
+    """The class nnU-Net builds the fold's network with: the one the checkpoint names (nnU-Net's own lookup)."""
     from .hints import checkpoint_trainer_hint
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    lk_env.ensure_environment()
+    from .nnunet_io import find_trainer_class as lookup
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its search messages are not our output
-            return recursive_find_trainer_class_by_name(trainer_name)
-    except (RuntimeError, AssertionError) as e:  # AssertionError: found, but not an nnUNetTrainer
-        raise ExportError(checkpoint_trainer_hint(trainer_name, checkpoint_path) if isinstance(e, RuntimeError)
-                          else f"{checkpoint_path} names the trainer {trainer_name!r}, not an nnUNetTrainer") from None
+        cls = lookup(trainer_name, not_found_hint=checkpoint_trainer_hint(trainer_name, checkpoint_path))
+    except TrainerNotFoundError as e:
+        raise ExportError(str(e)) from None
+    except AssertionError:  # found, but not an nnUNetTrainer
+        raise ExportError(f"{checkpoint_path} names the trainer {trainer_name!r}, not an nnUNetTrainer") from None
+    return cls
 
 
 def fold_folder(results_folder: str, fold) -> str:

@@ -56,7 +56,8 @@ def checkpoint_hint(frames: dict) -> str | None:
         present = sorted(p for p in os.listdir(fold_dir) if p.endswith(".pth")) if os.path.isdir(fold_dir) else []
         return (f"{PREFIX} {path} does not exist. Checkpoints in that fold: {present or 'none'}. Fix: finish the "
                 f"training (nnUNetv2_train ... --c), pick another with -chk, or leave out folds that have none (-f).")
-    from .training.base import CheckpointError, read_checkpoint
+    from .errors import CheckpointError
+    from .nnunet_io import read_checkpoint
     try:
         read_checkpoint(path)
     except CheckpointError as e:

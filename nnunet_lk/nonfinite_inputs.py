@@ -13,9 +13,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-
-class NonFiniteInputError(ValueError):
-    """Input cases contain NaN/Inf voxels; the message names them and the fix."""
+from .errors import NonFiniteInputError
 
 
 def cases_in_folder(folder: str, file_ending: str) -> Dict[str, List[str]]:

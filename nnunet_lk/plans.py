@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 from .networks import get_backbone
-from .networks.unet import NetworkConfigError
+from .errors import NetworkConfigError
 from .patch_sizes import check_patch
 
 OPTIONS_KEY = "nnunet_lk"

@@ -22,7 +22,7 @@ from nnunet_lk.cli.main import main as cli_main
 from nnunet_lk.export import (ExportError, axiswise_norms, export_network, load_fold, max_abs_difference,
                               ort_session, sidecar_path, size_multiple)
 from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
-from nnunet_lk.training.base import CheckpointError
+from nnunet_lk.errors import CheckpointError
 from tests.helpers.modelfolder import (LABELS, dlkunet_s_network, fake_plans, make_model_folder,
                          randomise_norm_statistics, save_checkpoint)
 from tests.helpers.tiny import TINY_OPTIONS  # export is about the graph, not capacity
@@ -289,3 +289,19 @@ def test_stock_nnunet_model_exports(tmp_path, capsys):
     # checked on the patch and a smaller multiple of the total stride: stock nnU-Net runs on nothing else
     assert info["check"]["shapes"][1] == [1, 1, 24, 16]
     _check_exported(load_fold(str(folder), 0).network, str(out), 1, 2, other=(24, 16))
+
+
+def test_checkpoint_and_step_flags_follow_nnunet_and_old_spellings_still_work(capsys):
+    from nnunet_lk.cli.main import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["export", "model", "-f", "0", "-o", "x.onnx", "-chk", "checkpoint_best.pth"])
+    assert args.checkpoint == "checkpoint_best.pth" and capsys.readouterr().err == ""
+    args = parser.parse_args(["export", "model", "-f", "0", "-o", "x.onnx", "-c", "checkpoint_latest.pth"])
+    assert args.checkpoint == "checkpoint_latest.pth"
+    assert "-c is deprecated" in capsys.readouterr().err
+    args = parser.parse_args(["predict-onnx", "-i", "a", "-o", "b", "-m", "m", "--onnx", "x.onnx", "-f", "0",
+                              "-step_size", "0.75", "-chk", "checkpoint_best.pth"])
+    assert (args.step_size, args.checkpoint) == (0.75, "checkpoint_best.pth")
+    args = parser.parse_args(["predict-onnx", "-i", "a", "-o", "b", "-m", "m", "--onnx", "x.onnx", "-f", "0",
+                              "--step_size", "1"])
+    assert args.step_size == 1.0 and "--step_size is deprecated" in capsys.readouterr().err

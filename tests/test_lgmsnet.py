@@ -1,4 +1,4 @@
-"""LGMSNet / LGMSNet-3D (architectures.md §2, §5.3): block checksums, the official totals, forward
+"""LGMSNet / LGMSNet-3D (docs/architectures.md §2.2-2.5, §5.3): block checksums, the official totals, forward
 shapes on nnU-Net patches (with padding inside forward), its sparse attention, errors (the contract every
 backbone keeps is in test_backbone_contract.py)."""
 import pytest

@@ -1,4 +1,4 @@
-"""LM-Net (architectures.md §3, §5.4): block checksums, the exact official total, neighbourhood attention
+"""LM-Net (docs/architectures.md §3.2-3.3, §5.4): block checksums, the exact official total, neighbourhood attention
 against a naive loop, nnU-Net patch shapes, its own block forms, errors (the contract every backbone keeps is in
 test_backbone_contract.py)."""
 import itertools

@@ -1,4 +1,4 @@
-"""MS-LKSeg (architectures.md §4, §5.5): block parameter formulas, block behaviour against
+"""MS-LKSeg (docs/architectures.md §4.3-4.7, §5.5): block parameter formulas, block behaviour against
 re-derived references, shapes on nnU-Net patches, the LD skips' kernel forms and their fused cache on load
 (the contract every backbone keeps, fused == unfused included, is in test_backbone_contract.py)."""
 

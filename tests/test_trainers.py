@@ -151,7 +151,8 @@ def test_kill_during_checkpoint_write_keeps_the_last_complete_one(hippocampus_pl
 
 
 def test_unreadable_checkpoint_is_a_clear_error(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, tmp_path):
-    from nnunet_lk.training.base import CheckpointError, read_checkpoint
+    from nnunet_lk.errors import CheckpointError
+    from nnunet_lk.nnunet_io import read_checkpoint
     bad = tmp_path / "checkpoint_final.pth"
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="truncated or not a torch file"):

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bench import dataset_name, resolve_trainer
+from ..errors import UsageError
 from .metrics import fold_case_metrics
 from .results import (ALL_FOLDS, FoldRun, checkpoint_curves, default_baseline, discover_trainers, label_names,
                       model_folder, parse_training_logs)
@@ -68,14 +69,14 @@ def collect(results_root, preprocessed_root, dataset: str, configuration: str, p
     name = dataset_name(dataset)
     trainers = list(trainers) if trainers else discover_trainers(results_root, name, plans, configuration)
     if not trainers:
-        raise ValueError(f"no results for {name} {configuration} (plans {plans}) under {results_root}: train first "
+        raise UsageError(f"no results for {name} {configuration} (plans {plans}) under {results_root}: train first "
                          f"(nnUNetv2_train, or nnunet-lk ablate --run)")
     baseline = baseline or default_baseline(trainers)
     if baseline is not None and baseline not in trainers:
         trainers = [baseline] + trainers
     gt_folder = Path(preprocessed_root) / name / "gt_segmentations"
     if not gt_folder.is_dir():
-        raise ValueError(f"{gt_folder} does not exist: the ground truth comes from nnUNetv2_plan_and_preprocess")
+        raise UsageError(f"{gt_folder} does not exist: the ground truth comes from nnUNetv2_plan_and_preprocess")
     abl = None
     for trainer in trainers:
         model_dir = model_folder(results_root, name, trainer, plans, configuration)

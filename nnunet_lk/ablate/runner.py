@@ -65,18 +65,13 @@ def _cli(name: str) -> str:
 
 def check_trainers_findable(trainers: Sequence[str]) -> None:
     """nnUNetv2_train looks trainers up itself: fail before hours of training if it cannot find one."""
-    import io
-
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from ..nnunet_io import find_trainer_class
     for t in trainers:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                recursive_find_trainer_class_by_name(t)
-        except RuntimeError:
-            hint = (" It lives in nnunet_lk/training/stock.py and must be re-exported by trainers/ "
-                    "(nnunet_lk_ext) for nnU-Net to find it." if t == STOCK_BUDGET_TRAINER else "")
-            raise ValueError(f"nnUNetv2_train cannot find trainer {t!r} (nnUNet_extTrainer="
-                             f"{os.environ.get('nnUNet_extTrainer', '')!r}); run `nnunet-lk doctor`.{hint}") from None
+        hint = (" It lives in nnunet_lk/training/stock.py and must be re-exported by trainers/ "
+                "(nnunet_lk_ext) for nnU-Net to find it." if t == STOCK_BUDGET_TRAINER else "")
+        find_trainer_class(t, not_found_hint=f"nnUNetv2_train cannot find trainer {t!r} (nnUNet_extTrainer="
+                                             f"{os.environ.get('nnUNet_extTrainer', '')!r}); run `nnunet-lk doctor`."
+                                             f"{hint}")
 
 
 def warn_full_schedule(trainers: Sequence[str], epochs: Optional[int], iterations: Optional[int], log=print) -> None:

@@ -2,8 +2,6 @@
 status reflects the installation only; nnU-Net's data folders, unset right after installing, are warnings."""
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 
 from .. import env as lk_env
@@ -38,20 +36,19 @@ def run_doctor(verbose: bool = False) -> int:
           "run `nnunet-lk env --install` once in this environment")
     warnings = data_folder_warnings()
 
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from ..nnunet_io import find_trainer_class
     from ..training.trainers import all_trainers
     for name, cls in sorted(all_trainers().items()):
-        log = io.StringIO()
+        found = None
         try:
-            with contextlib.redirect_stdout(log):
-                found = recursive_find_trainer_class_by_name(name)
+            found = find_trainer_class(name)
             ok = found is not None and found.__name__ == name and found.backbone == cls.backbone
-            check(ok, f"nnU-Net finds {name}", "see the lines above; `nnunet-lk env --install`")
-        except Exception as e:
+            check(ok, f"nnU-Net finds {name}", "`nnunet-lk env --install`, then `nnunet-lk doctor` again")
+        except Exception as e:  # any failure of the lookup is what doctor reports
             check(False, f"nnU-Net finds {name} ({type(e).__name__}: {str(e)[:200]})",
                   "run `nnunet-lk env --install`, then `nnunet-lk doctor` again")
         if verbose:
-            print(log.getvalue())
+            print(f"       {name} -> {found.__module__ if found is not None else 'not found'}")
     notes = f" ({len(warnings)} warning(s): data folders, needed before planning, training and predicting)" \
         if warnings else ""
     print(("the installation is good" if not problems else f"{len(problems)} installation problem(s) found") + notes)

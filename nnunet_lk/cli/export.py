@@ -3,17 +3,39 @@
 ``nnunet_lk/export.py``."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+
+from ..errors import CheckpointError
 
 
 def _fold(value: str):
     return value if value == "all" else int(value)
 
 
+class DeprecatedFlag(argparse.Action):
+    """An old spelling kept for one release: it still works and says which flag replaces it."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"nnunet-lk: warning: {option_string} is deprecated and will be removed in the next release; use "
+              f"{self.replacement} (nnU-Net's spelling)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_checkpoint_flag(p) -> None:
+    p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file in the fold folder (default: checkpoint_final.pth), as nnUNetv2_predict -chk")
+    p.add_argument("-c", "--checkpoint", dest="checkpoint", action=DeprecatedFlag, replacement="-chk",
+                   help=argparse.SUPPRESS)
+
+
 def cmd_export(args) -> int:
     from ..export import ExportError, export_model_folder
-    from ..training.base import CheckpointError
     try:
         export_model_folder(args.results_folder, args.fold, args.output, checkpoint_name=args.checkpoint,
                             tolerance=args.tolerance, opset=args.opset)
@@ -26,7 +48,6 @@ def cmd_export(args) -> int:
 def cmd_predict_onnx(args) -> int:
     from ..export import ExportError, onnx_predictor
     from ..nonfinite_inputs import NonFiniteInputError, refuse_non_finite_inputs
-    from ..training.base import CheckpointError
     try:
         predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
                                    use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
@@ -54,7 +75,7 @@ def register(subparsers) -> None:
                     "Writes MODEL.onnx and MODEL.json (patch size, spacing, channels, labels, normalisation).")
     p.add_argument("results_folder", help="nnU-Net model folder: nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG")
     p.add_argument("-f", "--fold", type=_fold, required=True, help="fold number or 'all'")
-    p.add_argument("-c", "--checkpoint", default="checkpoint_final.pth", help="default: checkpoint_final.pth")
+    add_checkpoint_flag(p)
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write (the sidecar goes beside it)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |PyTorch - onnxruntime| logit difference (default 1e-4)")
@@ -71,8 +92,11 @@ def register(subparsers) -> None:
     p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder the ONNX came from")
     p.add_argument("--onnx", required=True, help="the .onnx file written by `nnunet-lk export`")
     p.add_argument("-f", "--fold", type=_fold, required=True, help="the fold that was exported")
-    p.add_argument("-c", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--step_size", type=float, default=0.5, help="sliding-window step (nnU-Net's default 0.5)")
+    add_checkpoint_flag(p)
+    p.add_argument("-step_size", dest="step_size", type=float, default=0.5,
+                   help="sliding-window step (nnU-Net's default 0.5), as nnUNetv2_predict -step_size")
+    p.add_argument("--step_size", dest="step_size", type=float, action=DeprecatedFlag, replacement="-step_size",
+                   help=argparse.SUPPRESS)
     p.add_argument("--disable_tta", action="store_true", help="no mirroring (as nnUNetv2_predict --disable_tta)")
     p.add_argument("--save_probabilities", action="store_true")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")

@@ -9,7 +9,7 @@ import sys
 
 from .. import env as lk_env
 from ..networks import get_backbone, list_backbones
-from ..networks.unet import NetworkConfigError
+from ..errors import NnunetLkError, UsageError
 
 
 def _trainers():
@@ -77,28 +77,28 @@ def cmd_plans(args) -> int:
             print(f"{name:24s} {load_preset(name).get('description', '')}")
         return 0
     if args.dataset is None or args.configuration is None or args.name is None:
-        raise NetworkConfigError("nnunet-lk plans needs -d DATASET -c CONFIGURATION --name NEW_PLANS_NAME")
+        raise UsageError("nnunet-lk plans needs -d DATASET -c CONFIGURATION --name NEW_PLANS_NAME")
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.paths import nnUNet_preprocessed
     if nnUNet_preprocessed is None:
-        raise NetworkConfigError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
+        raise UsageError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
     folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.dataset))
     source = os.path.join(folder, f"{args.source}.json")
     target = os.path.join(folder, f"{args.name}.json")
     if not os.path.isfile(source):
-        raise NetworkConfigError(f"{source} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first "
+        raise UsageError(f"{source} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first "
                                  f"(or name the source plans with -p)")
     if os.path.exists(target) and not args.force:
-        raise NetworkConfigError(f"{target} already exists; choose another --name or pass --force to replace it")
+        raise UsageError(f"{target} already exists; choose another --name or pass --force to replace it")
     if args.name == args.source:
-        raise NetworkConfigError("--name must differ from the source plans, which stay untouched")
+        raise UsageError("--name must differ from the source plans, which stay untouched")
     with open(source) as f:
         plans = json.load(f)
     options = {}
     for item in args.option or []:
         key, value = _parse_option(item)
         if "." not in key:
-            raise NetworkConfigError(f"--option {item!r}: write BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
+            raise UsageError(f"--option {item!r}: write BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
         backbone, option = key.split(".", 1)
         options.setdefault(backbone, {})[option] = value
     derived = derive_plans(plans, args.configuration, args.name, patch_size=args.patch, batch_size=args.batch,
@@ -116,7 +116,7 @@ def cmd_plans(args) -> int:
 
 def _parse_option(item: str):
     if "=" not in item:
-        raise NetworkConfigError(f"option {item!r} must look like KEY=VALUE")
+        raise UsageError(f"option {item!r} must look like KEY=VALUE")
     key, value = item.split("=", 1)
     try:
         return key, json.loads(value)
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (NetworkConfigError, ValueError) as e:
+    except NnunetLkError as e:  # ours name the problem and the fix; anything else is a bug: traceback
         print(f"nnunet-lk {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """Dice/CE weight schedules: pure functions of training progress t = epoch / num_epochs, so the
 shape is the same for a 1000-epoch nnU-Net run and a 5-epoch test (DLKUNet paper eqs. 10-13,
-architectures.md §1.8). Each returns ``LossWeights(dice, ce)``."""
+docs/architectures.md §1.8). Each returns ``LossWeights(dice, ce)``."""
 from __future__ import annotations
 
 import math

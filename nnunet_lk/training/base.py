@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..losses.scheduled import StrictDeepSupervisionWrapper, apply_loss_weights
 from ..losses.schedules import get_schedule, progress
 from ..networks import build_backbone, get_backbone
-from ..networks.unet import NetworkConfigError
+from ..errors import NetworkConfigError, UsageError
+from ..nnunet_io import read_checkpoint
 from ..plans import backbone_options, configuration_strides, validate_configuration
 from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
 
@@ -48,9 +49,9 @@ def _env_int(name: str) -> Optional[int]:
     try:
         parsed = int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer; unset it or give a positive integer") from None
+        raise UsageError(f"{name}={value!r} is not an integer; unset it or give a positive integer") from None
     if parsed < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+        raise UsageError(f"{name}={value!r} must be a positive integer")
     return parsed
 
 
@@ -63,7 +64,7 @@ def validation_mirroring_enabled() -> bool:
     trained mirroring axes: this only changes that one validation."""
     value = os.environ.get(VALIDATION_MIRRORING_ENV, "1").strip().lower()
     if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-        raise ValueError(f"{VALIDATION_MIRRORING_ENV}={value!r}: use 0 (off) or 1 (on, nnU-Net's default)")
+        raise UsageError(f"{VALIDATION_MIRRORING_ENV}={value!r}: use 0 (off) or 1 (on, nnU-Net's default)")
     return value in ("1", "true", "yes", "on")
 
 
@@ -93,10 +94,6 @@ def _root_cause(error: BaseException) -> BaseException:
     """The backend's own exception inside torch.compile's wrappers."""
     inner = getattr(error, "inner_exception", None) or error.__cause__
     return error if inner is None else _root_cause(inner)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
 class nnUNetTrainerLK(nnUNetTrainer):
@@ -318,37 +315,3 @@ class nnUNetTrainerLK(nnUNetTrainer):
                                            f"schedule follows the new value.")
         # nnU-Net 2.8.1's load_checkpoint breaks when given a dict, so it reads the file again (resume only).
         super().load_checkpoint(filename_or_checkpoint)
-
-
-# nnUNetv2_train --c loads the first of these that exists (nnunetv2.run.run_training.maybe_load_checkpoint).
-RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-
-
-def checkpoint_alternatives(filename: str) -> str:
-    """What to use instead of the unusable ``filename``, naming only checkpoints that exist beside it."""
-    folder, name = os.path.split(os.path.abspath(filename))
-    others = sorted(p for p in os.listdir(folder) if p.endswith(".pth") and p != name) if os.path.isdir(folder) else []
-    if not others:
-        return (f"{folder} holds no other checkpoint: move {name} aside and train this fold again (nnUNetv2_train "
-                f"without --c).")
-    resume = next((p for p in RESUME_ORDER if p in others), None)
-    train = (f"To train on, move {name} aside: `nnUNetv2_train ... --c` then continues from {resume}." if resume
-             else "`nnUNetv2_train ... --c` finds none of them to resume from: retrain the fold.")
-    return (f"Other checkpoints in {folder}: {', '.join(others)}. To predict, choose one with -chk (e.g. -chk "
-            f"{resume or others[0]}). {train}")
-
-
-def read_checkpoint(filename: str) -> dict:
-    """Load an nnU-Net checkpoint, turning truncated or foreign files into a clear error."""
-    try:
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated/corrupt zip archives
-        raise CheckpointError(
-            f"{filename} cannot be read ({type(e).__name__}: {e}). It is truncated or not a torch file. "
-            f"{checkpoint_alternatives(filename)}") from e
-    missing = [k for k in ("network_weights", "init_args", "trainer_name", "current_epoch")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{filename} is not an nnU-Net checkpoint (missing {missing}); give the "
-                              f"checkpoint_final.pth of an nnU-Net training. {checkpoint_alternatives(filename)}")
-    return checkpoint

@@ -5,8 +5,8 @@ use), so a 1000-epoch nnU-Net run and a 5-epoch test follow the same curve.
 ``nnunet`` is nnU-Net's own recipe (SGD, lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5, poly decay):
 our plain trainers keep it. ``paper`` recipes are what each backbone's sources train with, as far as
 nnU-Net allows: nnU-Net's augmentation, patch, batch, epochs and its gradient clipping at 12 stay.
-Facts and their sources: docs/architectures.md of the shared specs (§1.7 DLKUNet, §2.5 and §2.7 LGMSNet,
-§3.5 LM-Net). MS-LKSeg publishes no code and its paper gives no optimiser or schedule: it has no paper
+Facts and their sources: docs/architectures.md §6.1-6.5 (DLKUNet §6.1, LGMSNet §6.2, LGMSNet-3D §6.3,
+LM-Net §6.4). MS-LKSeg publishes no code and its paper gives no optimiser or schedule: it has no paper
 recipe, and none is invented.
 """
 from __future__ import annotations
