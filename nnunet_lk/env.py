@@ -9,6 +9,10 @@ import sysconfig
 
 ENV_VAR = "nnUNet_extTrainer"
 PTH_NAME = "nnunet_lk_ext_trainer.pth"
+# The .pth line Python runs at every start-up. Guarded: once the package is uninstalled (pip leaves this file
+# behind, it is not in the package's RECORD) it does nothing instead of printing an import error each time.
+HOOK_LINE = ("import importlib.util as _u; _u.find_spec('nnunet_lk') is not None and "
+             "__import__('nnunet_lk.env').env.ensure_environment()\n")
 
 
 def trainer_folder() -> str:
@@ -51,13 +55,55 @@ def pth_path() -> str:
 
 
 def install_pth() -> str:
-    """Write the start-up hook into this environment's site-packages; returns its path."""
+    """Write the start-up hook into this environment's site-packages (replacing an older one); returns its path."""
     path = pth_path()
     with open(path, "w") as f:
-        f.write("import nnunet_lk.env as _e; _e.ensure_environment()\n")
+        f.write(HOOK_LINE)
     return path
 
 
+def _site_dirs():
+    return list(dict.fromkeys([site_packages(), *site.getsitepackages()]))
+
+
+def hook_files():
+    """Every .pth file of this environment that runs our hook: ours by name, and any other naming nnunet_lk.env."""
+    found = []
+    for folder in _site_dirs():
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.endswith(".pth") and os.path.isfile(path):
+                with open(path, errors="replace") as f:
+                    text = f.read()
+                if name == PTH_NAME or "nnunet_lk.env" in text:
+                    found.append((path, text))
+    return found
+
+
+def hook_problems():
+    """What is wrong with the installed hook, each with its fix (empty: none or exactly one current hook)."""
+    files = hook_files()
+    problems = []
+    if len(files) > 1:
+        problems.append((f"{len(files)} start-up hooks: {', '.join(p for p, _ in files)}",
+                         "run `nnunet-lk env --uninstall`, then `nnunet-lk env --install` once"))
+    for path, text in files:
+        if text != HOOK_LINE:
+            problems.append((f"stale start-up hook {path} (an older form, e.g. unguarded)",
+                             "run `nnunet-lk env --install` to rewrite it"))
+    return problems
+
+
+def uninstall_pth():
+    """Remove every start-up hook of ours from this environment; returns the removed paths."""
+    removed = []
+    for path, _ in hook_files():
+        os.remove(path)
+        removed.append(path)
+    return removed
+
+
 def pth_installed() -> bool:
-    return os.path.isfile(pth_path()) or any(
-        os.path.isfile(os.path.join(d, PTH_NAME)) for d in site.getsitepackages())
+    return bool(hook_files())

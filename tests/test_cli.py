@@ -169,3 +169,34 @@ def test_help_describes_the_tool_for_users():
     assert proc.returncode == 0
     description = proc.stdout.split("\n\n")[1]
     assert "as nnU-Net v2 trainers" in " ".join(description.split()) and "registered" not in description
+
+
+@pytest.mark.slow
+def test_startup_hook_survives_uninstalling_the_package_and_env_uninstall_removes_it(tmp_path):
+    """The real `site` start-up of a scratch venv: install the package (no dependencies), install the hook, then
+    `pip uninstall` the package: Python must start silently (the guarded hook does nothing)."""
+    import sys
+    from tests.helpers.realdata import REPO, run
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", REPO, "-w", tmp_path / "wheel"], env, timeout=600)
+    wheel = next((tmp_path / "wheel").glob("nnunet_lk-*.whl"))
+    venv = tmp_path / "scratch"
+    run(["python3", "-m", "venv", venv], env, timeout=300)
+    python = venv / "bin" / "python"
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], env, timeout=600)
+    run([python, "-c", "import nnunet_lk.env as e; e.install_pth()"], env)
+    started = run([python, "-c", "import os; print(os.environ.get('nnUNet_extTrainer'))"], env)
+    assert started.stdout.strip().endswith("nnunet_lk_ext") and started.stderr == ""  # the hook ran at start-up
+
+    run([python, "-m", "pip", "uninstall", "-y", "-q", "nnunet-lk"], env)
+    hooks = list((venv / "lib").glob("python3*/site-packages/nnunet_lk_ext_trainer.pth"))
+    assert len(hooks) == 1  # pip leaves it behind
+    silent = run([python, "-c", "print('started')"], env)
+    assert silent.stdout == "started\n" and silent.stderr == ""
+
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], env, timeout=600)
+    hooks[0].write_text("import nnunet_lk.env as _e; _e.ensure_environment()\n")  # the old, unguarded form
+    report = run([python, "-c", "import nnunet_lk.env as e; print(e.hook_problems())"], env)
+    assert "stale start-up hook" in report.stdout
+    run([python, "-c", "import nnunet_lk.env as e; e.uninstall_pth()"], env)
+    assert not hooks[0].exists()

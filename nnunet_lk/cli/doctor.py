@@ -34,6 +34,8 @@ def run_doctor(verbose: bool = False) -> int:
           "run `nnunet-lk env --install` once (or `eval \"$(nnunet-lk env)\"` in each shell)")
     check(lk_env.pth_installed(), "start-up hook installed (no shell set-up needed)",
           "run `nnunet-lk env --install` once in this environment")
+    for problem, fix in lk_env.hook_problems():
+        check(False, problem, fix)
     warnings = data_folder_warnings()
 
     from ..nnunet_io import find_trainer_class

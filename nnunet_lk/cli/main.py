@@ -56,6 +56,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_env(args) -> int:
+    if args.uninstall:
+        removed = lk_env.uninstall_pth()
+        print(f"# removed {', '.join(removed)}" if removed else "# no start-up hook installed here", file=sys.stderr)
+        return 0
     if args.install:
         path = lk_env.install_pth()
         print(f"# wrote {path}: every Python of this environment now finds the nnunet-lk trainers "
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="shell lines that make nnU-Net find our trainers")
     p.add_argument("--install", action="store_true",
                    help="instead, install a start-up hook into this Python environment (no shell line needed)")
+    p.add_argument("--uninstall", action="store_true",
+                   help="remove the start-up hook from this environment (do this before `pip uninstall nnunet-lk`; "
+                        "a hook left behind does nothing once the package is gone)")
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("doctor", help="check the installation through nnU-Net's own trainer lookup")
