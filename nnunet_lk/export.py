@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .blocks.ops import with_axiswise_norms
 from .errors import CheckpointError, ExportError, TrainerNotFoundError
+from .extras import require_extra
 from .nnunet_io import read_checkpoint
 
 DEFAULT_TOLERANCE = 1e-4
@@ -365,6 +366,7 @@ def sidecar_path(onnx_path: str) -> str:
 def export_model_folder(results_folder: str, fold, output: str, checkpoint_name: str = "checkpoint_final.pth",
                         tolerance: float = DEFAULT_TOLERANCE, opset: Optional[int] = None, log=print) -> dict:
     """``nnunet-lk export``: export, check against PyTorch, write the sidecar. Returns the sidecar."""
+    require_extra("export", "nnunet-lk export")
     fold_name = fold if fold == "all" else int(fold)
     loaded = load_fold(results_folder, fold_name, checkpoint_name)
     cm = loaded.configuration_manager
@@ -419,6 +421,7 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
                    use_mirroring: bool = True, tile_step_size: float = 0.5, threads: Optional[int] = None,
                    verbose: bool = False):
     """An ``nnUNetPredictor`` set up from the model folder, whose network runs the ONNX model."""
+    require_extra("export", "nnunet-lk predict-onnx")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     fold_name = fold if fold == "all" else int(fold)
     path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)

@@ -200,3 +200,17 @@ def test_startup_hook_survives_uninstalling_the_package_and_env_uninstall_remove
     assert "stale start-up hook" in report.stdout
     run([python, "-c", "import nnunet_lk.env as e; e.uninstall_pth()"], env)
     assert not hooks[0].exists()
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
+    import importlib.util
+
+    from nnunet_lk.errors import MissingExtraError
+    from nnunet_lk.extras import EXTRAS, require_extra
+    real = importlib.util.find_spec
+    for extra, modules in EXTRAS.items():
+        require_extra(extra, "this test")  # the test extra installs every one
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == modules[0] else real(name, *a))
+        with pytest.raises(MissingExtraError, match=rf"{modules[0]}.*pip install 'nnunet-lk\[{extra}\]'"):
+            require_extra(extra, "this test")
+        monkeypatch.setattr(importlib.util, "find_spec", real)

@@ -29,6 +29,9 @@ def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     """{class key: {"HD95": mm, "NSD": fraction}} with MONAI, in physical spacing. Arrays in nnU-Net's
     reader layout (1, *spatial) or (*spatial); axes of length 1 (2D images stored as 3D) are dropped."""
     import torch
+
+    from ..extras import require_extra
+    require_extra("metrics", "HD95 and normalised surface Dice (nnunet-lk ablate)")
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
     pred, ref = np.asarray(pred), np.asarray(ref)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..errors import UsageError
 from .jobs import RequeueableTrainFold, TrainFold, TrainJob
 from .state import JobRecord
 
@@ -43,8 +44,8 @@ NOT_ENDED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUS
 EXTRA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
-class SlurmError(ValueError):
-    pass
+class SlurmError(UsageError):
+    """A --slurm-* option, an sbatch refusal or a SLURM that cannot be reached; the message names the fix."""
 
 
 def parse_extra(items: Sequence[str]) -> Dict[str, object]:
@@ -99,6 +100,8 @@ def sbatch_script(output, params: Dict[str, object], n_jobs: int) -> str:
 def submit(jobs: Sequence[TrainJob], output, params: Dict[str, object], *, requeue: bool,
            max_num_timeout: int = 3) -> List[JobRecord]:
     """One sbatch call (a job array with a concurrency limit) running :class:`TrainFold` per job."""
+    from ..extras import require_extra
+    require_extra("slurm", "--executor slurm")
     import submitit
     try:
         executor = submitit.SlurmExecutor(folder=job_folder(output), max_num_timeout=max_num_timeout)
@@ -111,7 +114,8 @@ def submit(jobs: Sequence[TrainJob], output, params: Dict[str, object], *, reque
         submitted = executor.submit_array(calls)
     except Exception as e:  # sbatch refused: submitit raises its stderr
         raise SlurmError(f"sbatch refused the jobs: {str(e).strip()[-1500:]}\nCheck the --slurm-* options "
-                         f"(--slurm-partition, --slurm-time, --slurm-mem-gb, ...); --dry-run prints the script") from None
+                         f"(--slurm-partition, --slurm-time, --slurm-mem-gb, ...); --dry-run prints the script"
+                         ) from None
     now = time.time()
     return [JobRecord(executor="slurm", job_id=str(s.job_id), dataset=j.dataset, plans=j.plans,
                       configuration=j.configuration, trainer=j.trainer, fold=j.fold, action=j.action, path=j.path,
