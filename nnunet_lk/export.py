@@ -1,8 +1,8 @@
 """ONNX export of a trained nnU-Net fold, and nnU-Net's own predictor running the ONNX model (issue 7).
 
-Export (``nnunet-lk export``): the fold's checkpoint is read with ``read_checkpoint`` (clear errors for
-truncated or foreign files), its trainer class is found by nnU-Net's own lookup, and the network is
-built statically with deep supervision off and loaded strictly, exactly as ``nnUNetv2_predict`` does.
+Export (``nnunet-lk export``): the fold is loaded as ``nnUNetv2_predict`` loads it (``model_folder.load_fold``:
+checkpoint read with clear errors, trainer class by nnU-Net's own lookup, network built statically with deep
+supervision off and loaded strictly).
 ``.eval()`` puts it in inference form (``ReparamDepthwise`` branches fused into one conv); on large patches
 GroupNorm and InstanceNorm are exported as ``AxiswiseGroupNorm`` (same function, accurate in onnxruntime).
 
@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,85 +37,14 @@ import torch
 import torch.nn as nn
 
 from .blocks.ops import with_axiswise_norms
-from .errors import CheckpointError, ExportError, TrainerNotFoundError
+from .errors import ExportError
 from .extras import require_extra
 from .nnunet_io import read_checkpoint
+from .model_folder import LoadedFold, find_trainer_class, fold_folder, load_fold  # noqa: F401  (public here too)
 
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-# ---- the model folder ------------------------------------------------------------------------------------
-@dataclass
-class LoadedFold:
-    network: nn.Module
-    plans_manager: object
-    configuration_manager: object
-    dataset_json: dict
-    configuration: str
-    trainer_name: str
-    checkpoint_path: str
-    num_input_channels: int
-    num_output_channels: int
-    inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]
-
-
-def find_trainer_class(trainer_name: str, checkpoint_path: str):
-    """The class nnU-Net builds the fold's network with: the one the checkpoint names (nnU-Net's own lookup)."""
-    from .hints import checkpoint_trainer_hint
-    from .nnunet_io import find_trainer_class as lookup
-    try:
-        cls = lookup(trainer_name, not_found_hint=checkpoint_trainer_hint(trainer_name, checkpoint_path))
-    except TrainerNotFoundError as e:
-        raise ExportError(str(e)) from None
-    except AssertionError:  # found, but not an nnUNetTrainer
-        raise ExportError(f"{checkpoint_path} names the trainer {trainer_name!r}, not an nnUNetTrainer") from None
-    return cls
-
-
-def fold_folder(results_folder: str, fold) -> str:
-    return os.path.join(results_folder, f"fold_{fold}")
-
-
-def load_fold(results_folder: str, fold, checkpoint_name: str = "checkpoint_final.pth") -> LoadedFold:
-    """The fold's network in inference form, built and loaded as ``nnUNetv2_predict`` builds it."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    for name in ("plans.json", "dataset.json"):
-        if not os.path.isfile(os.path.join(results_folder, name)):
-            raise ExportError(f"{results_folder} has no {name}: give an nnU-Net model folder "
-                              f"(nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION)")
-    path = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
-    if not os.path.isfile(path):
-        available = sorted(d for d in os.listdir(results_folder) if d.startswith("fold_"))
-        present = sorted(p for p in os.listdir(os.path.dirname(path)) if p.endswith(".pth")) \
-            if os.path.isdir(os.path.dirname(path)) else []
-        raise ExportError(f"{path} does not exist (folds here: {', '.join(available) or 'none'}; checkpoints in "
-                          f"fold_{fold}: {', '.join(present) or 'none'}); choose --fold and -c accordingly")
-    checkpoint = read_checkpoint(path)
-    with open(os.path.join(results_folder, "plans.json")) as f:
-        plans_manager = PlansManager(json.load(f))
-    with open(os.path.join(results_folder, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    configuration = checkpoint["init_args"]["configuration"]
-    configuration_manager = plans_manager.get_configuration(configuration)
-    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    trainer_class = find_trainer_class(checkpoint["trainer_name"], path)
-    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
-                                                       enable_deep_supervision=False)
-    try:
-        network.load_state_dict(checkpoint["network_weights"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit the network {checkpoint['trainer_name']} builds from "
-                              f"{results_folder}/plans.json ({str(e).splitlines()[0]}). Was the checkpoint copied "
-                              f"from another model folder?") from None
-    network.eval()  # inference form: ReparamDepthwise fuses here
-    mirror = checkpoint.get("inference_allowed_mirroring_axes")
-    return LoadedFold(network, plans_manager, configuration_manager, dataset_json, configuration,
-                      checkpoint["trainer_name"], path, n_in, n_out, tuple(mirror) if mirror is not None else None)
 
 
 # ---- the traced core -------------------------------------------------------------------------------------
