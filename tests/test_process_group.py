@@ -80,3 +80,36 @@ def test_interrupting_our_process_kills_the_commands_workers(signum):
             group = os.getpgid(worker)  # the stand-in's session (or ours, started above), never pytest's
             if group != os.getpgrp():
                 os.killpg(group, signal.SIGKILL)
+
+
+def test_stop_event_from_another_thread_kills_the_command_and_its_workers():
+    # the local executor runs commands from worker threads, which never see Ctrl-C: it sets `stop` instead
+    import threading
+
+    from nnunet_lk.process_group import Stopped
+    stop, lines, box = threading.Event(), [], {}
+
+    def work():
+        try:
+            box["returncode"] = run_streaming([sys.executable, "-c", STAND_IN], on_line=lines.append, stop=stop)
+        except Stopped as e:
+            box["stopped"] = e
+    thread = threading.Thread(target=work)
+    thread.start()
+    worker = None
+    try:
+        deadline = time.time() + 60
+        while not lines and time.time() < deadline:
+            time.sleep(0.1)
+        worker = _worker_pid(lines[0])
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive() and "stopped" in box, box
+        assert _gone(worker), f"worker {worker} outlived the stopped command"
+    finally:
+        stop.set()
+        thread.join(30)
+        if worker is not None and _alive(worker):
+            group = os.getpgid(worker)
+            if group != os.getpgrp():
+                os.killpg(group, signal.SIGKILL)

@@ -412,3 +412,22 @@ def test_paper_recipe_of_a_backbone_without_one_fails_at_construction(hippocampu
         recipe = "paper"
     with pytest.raises(NetworkConfigError, match="no paper recipe"):
         _make_trainer(nnUNetTrainerMSLKSegPaper, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+
+
+def test_thread_budget_reaches_torch_in_every_trainer(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
+                                                      monkeypatch):
+    from nnunet_lk.training.stock import nnUNetTrainerStockBudget
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    previous = torch.get_num_threads()
+    try:
+        for cls, threads in ((lk_trainers.nnUNetTrainerDLKUNetS, 2), (nnUNetTrainerStockBudget, 3)):
+            torch.set_num_threads(1)
+            monkeypatch.setenv("NNUNET_LK_THREADS", str(threads))
+            _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+            assert torch.get_num_threads() == threads
+        monkeypatch.setenv("NNUNET_LK_THREADS", "zero")
+        with pytest.raises(ValueError, match="NNUNET_LK_THREADS='zero' is not an integer"):
+            _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                          nnunet_dirs)
+    finally:
+        torch.set_num_threads(previous)

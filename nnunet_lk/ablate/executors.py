@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..errors import UsageError
 from ..process_group import Stopped, sigterm_exits
 from . import slurm, state
 from .jobs import TrainJob, execute, plan_jobs, thread_env
@@ -61,7 +62,7 @@ def run_pairs(dataset: str, configuration: str, plans: str, trainers: Sequence[s
     """Train, resume or validate the missing pairs with ``options.executor``; progress goes to ``log``, job ids
     and --dry-run's listing to ``out``."""
     if options.executor not in EXECUTORS:
-        raise ValueError(f"--executor {options.executor!r}: choose one of {', '.join(EXECUTORS)}")
+        raise UsageError(f"--executor {options.executor!r}: choose one of {', '.join(EXECUTORS)}")
     if options.executor == "sequential" and not options.dry_run:
         return RunOutcome(run_missing(dataset, configuration, plans, trainers, folds, epochs=epochs,
                                       iterations=iterations, val_iterations=val_iterations, device=device,
@@ -108,15 +109,15 @@ def local_slots(device: str, jobs: Optional[int] = None, threads_per_job: Option
     environ = os.environ if environ is None else environ
     cores = cores or len(os.sched_getaffinity(0))
     if jobs is not None and jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if device == "cuda":
         gpus = visible_gpus(environ)
         if not gpus:
-            raise ValueError("--executor local --device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES / torch); "
+            raise UsageError("--executor local --device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES / torch); "
                              "use --device cpu --jobs N for CPU trainings")
         n = jobs or len(gpus)
         if n > len(gpus):
-            raise ValueError(f"--jobs {n}: only {len(gpus)} GPU(s) visible ({','.join(gpus)}); --executor local "
+            raise UsageError(f"--jobs {n}: only {len(gpus)} GPU(s) visible ({','.join(gpus)}); --executor local "
                              f"runs one training per GPU, so use --jobs {len(gpus)} or fewer")
         threads = threads_per_job or max(1, cores // n)
         return [{"CUDA_VISIBLE_DEVICES": g, **thread_env(threads, environ)} for g in gpus[:n]]

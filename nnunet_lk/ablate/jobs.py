@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from ..errors import UsageError
 from ..process_group import run_streaming
 from .results import FoldRun
 from .runner import budget_env, fold_action, plan_runs, train_command
@@ -85,7 +86,7 @@ def passed_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 def thread_env(threads: int, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """A thread budget: BLAS/OpenMP/torch threads and, unless already set, nnU-Net's augmentation workers."""
     if threads < 1:
-        raise ValueError(f"a job's thread budget must be at least 1, got {threads}")
+        raise UsageError(f"a job's thread budget must be at least 1, got {threads}")
     environ = os.environ if environ is None else environ
     env = {var: str(threads) for var in THREAD_VARS}
     if "nnUNet_n_proc_DA" not in environ:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, List
 
+from ..errors import UsageError
+
 STATE_NAME = "ablate_jobs.json"
 LOCK_NAME = ".ablate_jobs.lock"
 VERSION = 1
@@ -47,8 +49,8 @@ class JobRecord:
         return (self.dataset, self.plans, self.configuration) == (dataset, plans, configuration)
 
 
-class StateFileError(ValueError):
-    pass
+class StateFileError(UsageError):
+    """The job list cannot be read, or another call holds its lock; the message names the fix."""
 
 
 def state_path(output) -> Path:

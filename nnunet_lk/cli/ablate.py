@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import UsageError
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -14,7 +16,7 @@ def cmd_ablate(args) -> int:
     from .. import ablate as ab
     for var, value in (("nnUNet_results", nnUNet_results), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value:
-            raise ValueError(f"{var} is not set; export nnU-Net's folders first")
+            raise UsageError(f"{var} is not set; export nnU-Net's folders first")
     options = run_options(args)
     folds = list(args.folds)
     failed = []
@@ -72,14 +74,14 @@ def run_options(args):
                  "threads-per-job": args.threads_per_job is not None})
     if not args.run and (any(given.values()) or slurm_flags):
         named = [f"--{k}" for k, v in given.items() if v] + slurm_flags
-        raise ValueError(f"{' '.join(named)} only apply to --run (training the missing folds); add --run")
+        raise UsageError(f"{' '.join(named)} only apply to --run (training the missing folds); add --run")
     not_slurm = [f for f, on in (("--no-wait", args.no_wait), ("--requeue", args.requeue)) if on] + slurm_flags
     if args.executor != "slurm" and not_slurm:
-        raise ValueError(f"{' '.join(not_slurm)} only apply to --executor slurm")
+        raise UsageError(f"{' '.join(not_slurm)} only apply to --executor slurm")
     if args.executor != "local" and (args.jobs is not None or args.threads_per_job is not None):
-        raise ValueError("--jobs/--threads-per-job only apply to --executor local")
+        raise UsageError("--jobs/--threads-per-job only apply to --executor local")
     if args.poll_seconds <= 0:
-        raise ValueError(f"--poll-seconds must be positive, got {args.poll_seconds}")
+        raise UsageError(f"--poll-seconds must be positive, got {args.poll_seconds}")
     params = {}
     if args.executor == "slurm":
         gpus = args.slurm_gpus_per_node

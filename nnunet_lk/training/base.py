@@ -58,6 +58,17 @@ def _env_int(name: str) -> Optional[int]:
 VALIDATION_MIRRORING_ENV = "NNUNET_LK_VAL_MIRRORING"
 
 
+THREADS_ENV = "NNUNET_LK_THREADS"
+
+
+def apply_thread_budget() -> None:
+    """``NNUNET_LK_THREADS=T`` (set per job by ``ablate --run --executor local``): torch uses T threads.
+    nnUNetv2_train -device cpu sets all cores before it builds the trainer, so this runs after it and wins."""
+    threads = _env_int(THREADS_ENV)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def validation_mirroring_enabled() -> bool:
     """``NNUNET_LK_VAL_MIRRORING=0``: the validation that ends nnUNetv2_train runs without test-time
     mirroring (4x faster in 2D, 8x in 3D; for tests on a CPU). Checkpoints and later predictions keep the
@@ -128,6 +139,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
             if value is not None:
                 setattr(self, attribute, value)
         self._budget_from_env = {a for a, env in BUDGET_ENV.items() if _env_int(env) is not None}
+        apply_thread_budget()
 
     # ---- network ---------------------------------------------------------------------------------
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .base import BUDGET_ENV, _env_int, validate_with_budget_mirroring
+from .base import BUDGET_ENV, _env_int, apply_thread_budget, validate_with_budget_mirroring
 
 
 class nnUNetTrainerStockBudget(nnUNetTrainer):
@@ -20,6 +20,7 @@ class nnUNetTrainerStockBudget(nnUNetTrainer):
             value = _env_int(env)
             if value is not None:
                 setattr(self, attribute, value)
+        apply_thread_budget()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         return validate_with_budget_mirroring(self, super().perform_actual_validation, save_probabilities)
