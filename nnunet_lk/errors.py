@@ -33,5 +33,17 @@ class NonFiniteInputError(UsageError):
     """Input cases contain NaN/Inf voxels; the message names them and the fix."""
 
 
+class TrainingFailed(NnunetLkError, RuntimeError):
+    """nnUNetv2_train exited with a non-zero status (a job of ``ablate --run``); its log says why."""
+
+
+class SlurmError(UsageError):
+    """A --slurm-* option, an sbatch refusal or a SLURM that cannot be reached; the message names the fix."""
+
+
+class StateFileError(UsageError):
+    """The ablate job list cannot be read, or another call holds its lock; the message names the fix."""
+
+
 class MissingExtraError(NnunetLkError, ImportError):
     """An optional dependency of one command is not installed; the message names the pip extra."""

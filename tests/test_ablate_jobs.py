@@ -116,7 +116,8 @@ def test_requeue_checkpoint_resumes_with_c(results_tree):
     (job,) = jobs.plan_jobs(DATASET, "2d", "nnUNetPlans", [LGMS], [4], device="cpu", results_root=results)
     assert job.action == "train"
     assert not hasattr(jobs.TrainFold(job), "checkpoint")  # submitit requeues only Checkpointables at time limit
-    call = jobs.RequeueableTrainFold(job)
+    from nnunet_lk.ablate.requeue import RequeueableTrainFold
+    call = RequeueableTrainFold(job)
     assert isinstance(call, Checkpointable)
     resubmitted = call.checkpoint()
     assert isinstance(resubmitted, submitit.helpers.DelayedSubmission)

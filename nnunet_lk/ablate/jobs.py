@@ -4,9 +4,8 @@ when it starts (a requeued or repeated job resumes or skips instead of starting 
 in a process group of its own (:func:`process_group.run_streaming`).
 
 :class:`TrainFold` is the callable a SLURM job (through submitit) or a local worker thread runs;
-:class:`RequeueableTrainFold` is the same as a ``submitit.helpers.Checkpointable``: at its time limit SLURM
-signals the job, submitit calls :meth:`~RequeueableTrainFold.checkpoint` and requeues it, and it resumes
-with ``--c``."""
+:class:`requeue.RequeueableTrainFold` (the slurm executor's, with submitit) resumes it with ``--c`` after a
+requeue."""
 from __future__ import annotations
 
 import os
@@ -15,13 +14,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
-from submitit.helpers import Checkpointable, DelayedSubmission
-
-from ..errors import UsageError
+from ..errors import TrainingFailed, UsageError  # noqa: F401  (TrainingFailed: public here too)
 from ..process_group import run_streaming
 from .results import FoldRun
 from .runner import budget_env, fold_action, plan_runs, train_command
@@ -31,10 +28,6 @@ PASSED_PREFIXES = ("nnUNet_", "NNUNET_LK_")
 # what a job's thread budget sets (torch's intra-op pool follows OMP_NUM_THREADS)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NNUNET_LK_THREADS")
-
-
-class TrainingFailed(RuntimeError):
-    """nnUNetv2_train exited with a non-zero status."""
 
 
 @dataclass
@@ -145,10 +138,3 @@ class TrainFold:
             raise TrainingFailed(f"nnUNetv2_train exited {returncode}{reason}: {self.job.label}; its output is "
                                  f"in this job's log")
         return returncode
-
-
-class RequeueableTrainFold(TrainFold, Checkpointable):
-    """:class:`TrainFold` that submitit requeues when SLURM signals the time limit; it resumes with ``--c``."""
-
-    def checkpoint(self) -> DelayedSubmission:
-        return DelayedSubmission(RequeueableTrainFold(replace(self.job, action="resume")))

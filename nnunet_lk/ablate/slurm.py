@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import UsageError
-from .jobs import RequeueableTrainFold, TrainFold, TrainJob
+from ..errors import SlurmError  # noqa: F401  (public here too)
+from .jobs import TrainFold, TrainJob
 from .state import JobRecord
 
 # CLI flag (without --slurm-) -> (submitit SlurmExecutor parameter, submitit AutoExecutor name, sbatch option)
@@ -42,10 +42,6 @@ FINAL_OK = "COMPLETED"
 # sacct states of a job that has not ended (it may have just left squeue)
 NOT_ENDED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING")
 EXTRA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-class SlurmError(UsageError):
-    """A --slurm-* option, an sbatch refusal or a SLURM that cannot be reached; the message names the fix."""
 
 
 def parse_extra(items: Sequence[str]) -> Dict[str, object]:
@@ -109,6 +105,7 @@ def submit(jobs: Sequence[TrainJob], output, params: Dict[str, object], *, reque
         raise SlurmError(f"--executor slurm: {e} (submit from a machine with SLURM's sbatch and srun on PATH; "
                          f"--dry-run prints the jobs and the sbatch script without them)") from None
     executor.update_parameters(**params)
+    from .requeue import RequeueableTrainFold  # submitit: imported once the extra is known to be there
     calls = [RequeueableTrainFold(j) if requeue else TrainFold(j) for j in jobs]
     try:
         submitted = executor.submit_array(calls)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, List
 
-from ..errors import UsageError
+from ..errors import StateFileError  # noqa: F401  (public here too)
 
 STATE_NAME = "ablate_jobs.json"
 LOCK_NAME = ".ablate_jobs.lock"
@@ -47,10 +47,6 @@ class JobRecord:
 
     def belongs_to(self, dataset: str, plans: str, configuration: str) -> bool:
         return (self.dataset, self.plans, self.configuration) == (dataset, plans, configuration)
-
-
-class StateFileError(UsageError):
-    """The job list cannot be read, or another call holds its lock; the message names the fix."""
 
 
 def state_path(output) -> Path:

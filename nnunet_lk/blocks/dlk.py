@@ -1,4 +1,4 @@
-"""DLKUNet's blocks (architectures.md §1.3, read from the official code): depthwise-separable
+"""DLKUNet's blocks (docs/architectures.md §1.3, read from the official code): depthwise-separable
 units, VAN-style large-kernel attention, the EBlock and the DFB up block."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LGMSNet's blocks (architectures.md §2.2, 3D differences §2.5, plans rules §5.3), read from the
+"""LGMSNet's blocks (docs/architectures.md §2.2, 3D differences §2.5, plans rules §5.3), read from the
 official code (cq-dong/LGMSNet): the LMS block (four depthwise kernels on four channel groups), the GMS
 block (MobileViT-style sparse transformer branch + depthwise conv branch), and CMUNeXt's up_conv and
 fusion_conv. Dimension-agnostic: every block takes ``conv_op`` (nn.Conv2d / nn.Conv3d).

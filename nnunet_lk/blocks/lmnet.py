@@ -1,4 +1,4 @@
-"""LM-Net's blocks (architectures.md §3.2, read from the official code Asunatan/LM-Net; nnU-Net
+"""LM-Net's blocks (docs/architectures.md §3.2, read from the official code Asunatan/LM-Net; nnU-Net
 generalisation §5.4): the re-parameterisable inverted block (ReparamConv), the strided-conv
 downsampling, the pyramid pooling + Global Feature Transformer bottleneck, the multi-level skip
 fusion (M2/M3 skips), the Local Feature Transformer (neighbourhood attention) and the additive

@@ -1,4 +1,4 @@
-"""MS-LKSeg's blocks (architectures.md §4.3-4.6, §5.5): DyConv, MIE, MIDM, the MIS encoder block
+"""MS-LKSeg's blocks (docs/architectures.md §4.3-4.6, §5.5): DyConv, MIE, MIDM, the MIS encoder block
 and the LD skip block.
 
 MS-LKSeg has no public code (§4.1): MIE and MIDM follow SCSA's SMSA/PCSA and LD follows RepLKNet's
@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NetworkConfigError
+from .depthwise import grouped_conv
 from .ops import anisotropic_kernel, as_tuple, conv_dim, make_norm, same_padding
 from .reparam import ReparamDepthwise
 
-_CONV_FN = {2: F.conv2d, 3: F.conv3d}
 _AVG_POOL_FN = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
@@ -77,15 +77,15 @@ class DynamicConv(nn.Module):
         return torch.softmax(self.attention(pooled) / self.temperature, dim=1)
 
     def forward(self, x):
-        conv = _CONV_FN[self.dim]
         if self.attention is None:
-            return conv(x, self.weight[0], self.bias[0], padding=self.padding)
+            return grouped_conv(x, self.weight[0], self.bias[0], padding=self.padding)
         batch = x.shape[0]
         alpha = self.kernel_weights(x)
         weight = (alpha @ self.weight.flatten(1)).reshape(batch * self.cout, self.cin, *self.kernel)
         bias = (alpha @ self.bias).reshape(batch * self.cout)
         # one grouped conv: the batch becomes the groups, so each sample meets its own kernel
-        out = conv(x.reshape(1, batch * self.cin, *x.shape[2:]), weight, bias, padding=self.padding, groups=batch)
+        out = grouped_conv(x.reshape(1, batch * self.cin, *x.shape[2:]), weight, bias, padding=self.padding,
+                           groups=batch)
         return out.reshape(batch, self.cout, *out.shape[2:])
 
 

@@ -1,5 +1,6 @@
-"""Dimension-agnostic layer factories: every block takes ``conv_op`` (nn.Conv2d or nn.Conv3d) and
-asks this module for the matching pooling, norm and transposed-conv classes."""
+"""Dimension-agnostic layer factories: every block takes ``conv_op`` (nn.Conv2d or nn.Conv3d, or a subclass
+such as the networks' ``LKConv2d``/``LKConv3d``) and asks this module for the matching pooling, norm and
+transposed-conv classes."""
 from __future__ import annotations
 
 from typing import Sequence, Type, Union
@@ -7,29 +8,33 @@ from typing import Sequence, Type, Union
 import torch
 import torch.nn as nn
 
+from .depthwise import LKConv2d, LKConv3d
+
 IntOrSeq = Union[int, Sequence[int]]
 
-_DIM_OF = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_DIM_OF = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))
 _CONV_TRANSPOSE = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _ADAPTIVE_AVG_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV = {2: LKConv2d, 3: LKConv3d}  # grouped convs through nnunet_lk.blocks.depthwise.grouped_conv
 
 NORM_KINDS = ("batch", "instance")
 
 
 def conv_dim(conv_op: Type[nn.Module]) -> int:
-    """Spatial dimensionality (2 or 3) of a conv class."""
-    dim = _DIM_OF.get(conv_op)
+    """Spatial dimensionality (2 or 3) of a conv class (nn.Conv2d/nn.Conv3d or a subclass)."""
+    dim = next((d for cls, d in _DIM_OF if isinstance(conv_op, type) and issubclass(conv_op, cls)), None)
     if dim not in (2, 3):
         raise ValueError(f"conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
     return dim
 
 
 def conv_for_dim(dim: int) -> Type[nn.Module]:
+    """The networks' conv class: ``LKConv2d``/``LKConv3d`` (nn.Conv2d/nn.Conv3d subclasses whose grouped
+    convolutions run through ``grouped_conv``)."""
     if dim not in _CONV:
         raise ValueError(f"only 2D and 3D networks are supported, got dim={dim}")
     return _CONV[dim]

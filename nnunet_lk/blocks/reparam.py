@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .depthwise import grouped_conv
 from .ops import as_tuple, batch_norm_op, conv_dim, same_padding
 
 
@@ -67,7 +68,6 @@ class ReparamDepthwise(nn.Module):
                 batch_norm_op(conv_op)(channels)))
         self.channels = channels
         self.fusion_enabled = True  # False: eval runs the branches (reference path for tests/benchmarks)
-        self._conv_fn = F.conv2d if dim == 2 else F.conv3d
         self.register_buffer("fused_weight", None, persistent=False)
         self.register_buffer("fused_bias", None, persistent=False)
         self._register_load_state_dict_pre_hook(self._invalidate_on_load)
@@ -107,8 +107,8 @@ class ReparamDepthwise(nn.Module):
             return sum(branch(x) for branch in self.branches)
         if not self.is_fused:
             self.fuse()
-        return self._conv_fn(x, self.fused_weight, self.fused_bias, stride=self.stride,
-                             padding=same_padding(self.fused_kernel, 1, self.dim), groups=self.channels)
+        return grouped_conv(x, self.fused_weight, self.fused_bias, stride=self.stride,
+                            padding=same_padding(self.fused_kernel, 1, self.dim), groups=self.channels)
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """DLKUNet (Zhu et al., Int. J. Imaging Syst. Technol. 2025): EBlock encoder levels with MaxPool,
-DFB decoder levels, 1×1 head. S/M/L = 3/4/5 levels at C = 96 (architectures.md §1)."""
+DFB decoder levels, 1×1 head. S/M/L = 3/4/5 levels at C = 96 (docs/architectures.md §1.2)."""
 from __future__ import annotations
 
 import torch.nn as nn

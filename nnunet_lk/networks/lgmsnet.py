@@ -1,5 +1,5 @@
 """LGMSNet (Dong et al., ECAI 2025, arXiv 2508.15476) and its 3D form LGMSNet-3D: LMS blocks at high
-resolution, GMS blocks at low resolution, CMUNeXt up/fusion decoder (architectures.md §2; plans rules
+resolution, GMS blocks at low resolution, CMUNeXt up/fusion decoder (docs/architectures.md §2.2; plans rules
 §5.3). One registered name, ``lgmsnet``, for 2D and 3D: the official 3D network (§2.5) has the same
 widths, splits and layout as the 2D one and only changes its norms, which follow ``conv_op`` here.
 
@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch.nn as nn
 
 from ..blocks import lgms
-from ..blocks.ops import as_tuple, max_pool_op
+from ..blocks.ops import as_tuple, conv_dim, max_pool_op
 from .registry import register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, cumulative_strides, resolve_level_strides
 
@@ -66,10 +66,10 @@ def build_lgmsnet(conv_op, input_channels: int, num_classes: int, *, strides=Non
     "divisible by 32"), so the GMS levels always use the sparse 2-wide unfold; False pads to the
     total stride only (odd bottleneck axes then attend densely).
     """
-    if conv_op not in (nn.Conv2d, nn.Conv3d):
+    if not (isinstance(conv_op, type) and issubclass(conv_op, (nn.Conv2d, nn.Conv3d))):
         raise NetworkConfigError(f"lgmsnet: conv_op must be nn.Conv2d or nn.Conv3d, got {conv_op!r}; "
                                  f"LGMSNet exists only as a 2D and a 3D network")
-    dim = 2 if conv_op is nn.Conv2d else 3
+    dim = conv_dim(conv_op)
     if levels is not None and (not isinstance(levels, int) or levels < 2):
         raise NetworkConfigError(f"lgmsnet: levels={levels!r}; need an integer >= 2 (two GMS levels), or None "
                                  f"to follow the plans")

@@ -1,5 +1,5 @@
 """LM-Net (Lu, She, Wang, Huang, arXiv 2501.03838, 2025), assembled from the official code
-(architectures.md §3; nnU-Net generalisation §5.4).
+(docs/architectures.md §3.2-3.3; nnU-Net generalisation §5.4).
 
 Level roles for S levels: conv levels 0..S-2 (two ReparamConvs each, levels >= 1 entered through a
 strided conv), level S-1 = strided conv only; PyramidPool of all levels -> Global Feature Transformer

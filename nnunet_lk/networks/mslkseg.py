@@ -1,4 +1,4 @@
-"""MS-LKSeg (Li et al., Biomed. Signal Process. Control 2025; architectures.md §4, §5.5), with
+"""MS-LKSeg (Li et al., Biomed. Signal Process. Control 2025; docs/architectures.md §4.2-4.8, §5.5), with
 structural re-parameterisation of the LD skip blocks at inference.
 
 Topology (Fig. 1a): ``levels`` encoder levels of two MIS blocks (DyConv → MIE → MIDM), the first

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from ..blocks.depthwise import lk_conv_op
 from ..blocks.ops import conv_for_dim, conv_dim
 from .unet import NetworkConfigError
 
@@ -58,12 +59,15 @@ def build_backbone(name: str, *, input_channels: int, num_classes: int, dim: Opt
                    strides: Optional[Sequence] = None, kernel_sizes: Optional[Sequence] = None,
                    patch_size: Optional[Sequence[int]] = None, deep_supervision: bool = False,
                    **overrides) -> nn.Module:
-    """Build a registered backbone. Give ``dim`` (2/3) or ``conv_op``; unknown overrides are an error."""
+    """Build a registered backbone. Give ``dim`` (2/3) or ``conv_op``; unknown overrides are an error.
+    A plain ``nn.Conv2d``/``nn.Conv3d`` becomes ``LKConv2d``/``LKConv3d`` (same parameters and state-dict
+    keys; depthwise convs through ``grouped_conv``)."""
     spec = get_backbone(name)
     if conv_op is None:
         if dim is None:
             raise ValueError("give dim (2 or 3) or conv_op")
         conv_op = conv_for_dim(dim)
+    conv_op = lk_conv_op(conv_op)
     dim = conv_dim(conv_op)
     if dim not in spec.dims:
         raise NetworkConfigError(
