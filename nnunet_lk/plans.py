@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
-from .networks import get_backbone
+from .networks.registry import check_options
 from .errors import NetworkConfigError
 from .patch_sizes import check_patch
 
@@ -144,10 +144,7 @@ def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size
             raise NetworkConfigError(f"batch size must be >= 1, got {batch_size}")
         target["batch_size"] = int(batch_size)
     for backbone, opts in options.items():
-        spec = get_backbone(backbone)  # unknown names raise with the list of known ones
-        unknown = sorted(set(opts) - set(spec.config))
-        if unknown:
-            raise NetworkConfigError(f"{backbone}: unknown option(s) {unknown}; valid options are {sorted(spec.config)}")
+        check_options(backbone, opts)  # unknown backbones and options raise with the valid ones
     if options:
         merged = copy.deepcopy(config.get(OPTIONS_KEY, {}))
         for backbone, opts in options.items():

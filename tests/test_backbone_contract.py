@@ -139,3 +139,29 @@ def test_fused_equals_unfused(name, dim):
     assert (fused - reference).abs().max().item() < 1e-4
     assert not torch.equal(fused, reference)  # two different computations really ran
     assert list(net.state_dict()) == keys  # the fused kernels never reach the state dict
+
+
+def test_options_have_one_source_the_builders_signature():
+    import inspect
+
+    from nnunet_lk.networks.registry import builder_options, register_backbone
+    for name in list_backbones():
+        spec = get_backbone(name)
+        signature = {k: v for k, v in builder_options(spec.builder).items() if v is not inspect.Parameter.empty}
+        assert spec.config == {**signature, **spec.size}  # defaults come from the signature alone
+        assert all(signature.get(k) != v for k, v in spec.size.items())  # a size stores only what it changes
+    assert {n: get_backbone(n).size for n in ("dlkunet_s", "dlkunet_m", "dlkunet_l")} == \
+        {"dlkunet_s": {"levels": 3}, "dlkunet_m": {"levels": 4}, "dlkunet_l": {"levels": 5}}
+    builder = get_backbone("lmnet").builder
+    with pytest.raises(ValueError, match=r"no option\(s\) \['depth'\]"):
+        register_backbone("lmnet_bad", builder, depth=3)
+    with pytest.raises(ValueError, match=r"\['levels'\] have no default"):
+        register_backbone("dlkunet_bad", get_backbone("dlkunet_s").builder)
+
+
+def test_unknown_option_names_the_valid_ones_with_defaults_in_builds_and_plans(hippocampus_plans):
+    from nnunet_lk.plans import derive_plans
+    with pytest.raises(NetworkConfigError, match=r"unknown option\(s\) \['depth'\].*levels=3, width=96"):
+        build_backbone("dlkunet_s", dim=2, input_channels=1, num_classes=2, depth=3)
+    with pytest.raises(NetworkConfigError, match=r"unknown option\(s\) \['depth'\].*levels=5, width=12"):
+        derive_plans(hippocampus_plans, "2d", "x", backbone_opts={"lmnet": {"depth": 3}})

@@ -214,3 +214,14 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
         with pytest.raises(MissingExtraError, match=rf"{modules[0]}.*pip install 'nnunet-lk\[{extra}\]'"):
             require_extra(extra, "this test")
         monkeypatch.setattr(importlib.util, "find_spec", real)
+
+
+def test_list_and_summary_help_show_every_option_with_its_default(capsys):
+    from nnunet_lk.cli.main import main
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "options: levels=3, width=96, norm='batch', pad_input=True" in out
+    assert "ld_kernel=21" in out
+    with pytest.raises(SystemExit):
+        main(["summary", "--help"])
+    assert "lmnet: levels=5, width=12, heads=12" in capsys.readouterr().out

@@ -24,6 +24,8 @@ def cmd_list(args) -> int:
         by_backbone.setdefault(cls.backbone, []).append(name)
     if args.json:
         print(json.dumps({"backbones": {b: {"dims": list(get_backbone(b).dims),
+                                            "options": {k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in get_backbone(b).config.items()},
                                             "description": get_backbone(b).description,
                                             "trainers": by_backbone.get(b, [])} for b in list_backbones()},
                           "trainers": sorted(trainers)}, indent=2))
@@ -32,9 +34,15 @@ def cmd_list(args) -> int:
     for b in list_backbones():
         spec = get_backbone(b)
         print(f"  {b:12s} {'/'.join(f'{d}D' for d in spec.dims):6s} {spec.description}")
+        print(f"      options: {_options_line(b)}")
         for t in by_backbone.get(b, []):
             print(f"      {t}")
     return 0
+
+
+def _options_line(backbone: str) -> str:
+    """Each option with its default (the builder's signature, then the named size)."""
+    return ", ".join(f"{k}={v!r}" for k, v in get_backbone(backbone).config.items())
 
 
 def cmd_summary(args) -> int:
@@ -147,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "configuration)",
                        description="Build a backbone and print its parameters and MACs. Without flags: the "
                                    "paper's configuration (e.g. dlkunet_s 2D 1->9 at 224x224), whose parameter "
-                                   "count is the official one; each flag replaces one value.")
+                                   "count is the official one; each flag replaces one value.",
+                       epilog="backbone options (--option KEY=VALUE) and their defaults:\n" + "\n".join(
+                           f"  {b}: {_options_line(b)}" for b in list_backbones()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="backbone name (`nnunet-lk list`), e.g. dlkunet_s")
     p.add_argument("--dim", type=int, choices=(2, 3), help="2 or 3 (default: the paper's; --dim 3 picks the "
                                                            "paper's 3D configuration where there is one)")

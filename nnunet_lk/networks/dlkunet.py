@@ -41,9 +41,9 @@ def build_dlkunet(conv_op, input_channels: int, num_classes: int, *, strides=Non
 
 
 _PAPER = "DLKUNet, Zhu et al., Int. J. Imaging Syst. Technol. 35(1) e70035, 2025"
-register_backbone("dlkunet_s", build_dlkunet, levels=3, width=96, norm="batch", pad_input=True, paper=_PAPER,
+register_backbone("dlkunet_s", build_dlkunet, levels=3, paper=_PAPER,
                   description="DLKUNet-S: 3 levels, C=96 (1,131,379 params at 2D 1->9)")
-register_backbone("dlkunet_m", build_dlkunet, levels=4, width=96, norm="batch", pad_input=True, paper=_PAPER,
+register_backbone("dlkunet_m", build_dlkunet, levels=4, paper=_PAPER,
                   description="DLKUNet-M: 4 levels, C=96 (4,494,451 params at 2D 1->9)")
-register_backbone("dlkunet_l", build_dlkunet, levels=5, width=96, norm="batch", pad_input=True, paper=_PAPER,
+register_backbone("dlkunet_l", build_dlkunet, levels=5, paper=_PAPER,
                   description="DLKUNet-L: 5 levels, C=96 (17,708,659 params at 2D 1->9)")

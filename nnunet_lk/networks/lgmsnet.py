@@ -139,5 +139,4 @@ _PAPER = "LGMSNet, Dong et al., ECAI 2025 (arXiv 2508.15476); official code cq-d
 register_backbone(
     "lgmsnet", build_lgmsnet, dims=(2, 3), paper=_PAPER,
     description="LGMSNet: LMS blocks at high resolution, sparse-transformer GMS blocks at the two lowest "
-                "levels; widths 16-32-64-128-128 (2,321,393 params at 2D 3->1; LGMSNet-3D 6,193,742 at 1->14)",
-    levels=None, widths=None, norm="faithful", pad_to_unfold=True)
+                "levels; widths 16-32-64-128-128 (2,321,393 params at 2D 3->1; LGMSNet-3D 6,193,742 at 1->14)")

@@ -89,5 +89,4 @@ register_backbone(
     "lmnet", build_lmnet, dims=(2, 3),
     paper="LM-Net, Lu, She, Wang, Huang, arXiv 2501.03838, 2025 (code: Asunatan/LM-Net)",
     description="LM-Net: ReparamConv encoder/decoder, pyramid-pooled global transformer bottleneck, fused "
-                "multi-level skips with neighbourhood-attention transformers (3,966,566 params at 2D 3->2)",
-    levels=5, width=12, heads=12, gft_heads=12, na_kernel=3, rel_pos_bias=True, checkpoint_attention=True)
+                "multi-level skips with neighbourhood-attention transformers (3,966,566 params at 2D 3->2)")

@@ -144,7 +144,4 @@ _PAPER = "MS-LKSeg, Li et al., Biomed. Signal Process. Control 2025, doi 10.1016
 register_backbone(
     "mslkseg", build_mslkseg, dims=(2, 3), paper=_PAPER,
     description="MS-LKSeg: MIS (DyConv-MIE-MIDM) x2 encoder, re-parameterised RepLK (LD) skips, conv x2 "
-                "decoder; no official code, open choices are config keys ([ASSUMED] defaults)",
-    levels=5, width=32, norm="batch", dyconv_kernels=4, dyconv_temperature=1.0, dyconv_reduction=4,
-    mie_kernels=(3, 5, 7, 9), mie_gn_groups=4, midm_window=7, midm_heads=1, ld_kernel=21, ld_small_kernel=3,
-    ld_kernel_3d=7, ld_dw_ratio=1, downsample="maxpool", upsample="transpose", decoder_conv_bias=False)
+                "decoder; no official code, open choices are config keys ([ASSUMED] defaults)")

@@ -2,13 +2,16 @@
 
 A builder has the signature
     builder(conv_op, input_channels, num_classes, *, strides, kernel_sizes, patch_size,
-            deep_supervision, **config) -> LKUNet
-where ``strides``/``kernel_sizes`` are the plans' per-stage lists (None = the paper's pyramid) and
-``config`` holds the registered defaults, updated by user overrides.
+            deep_supervision, <option>=<default>, ...) -> LKUNet
+where ``strides``/``kernel_sizes`` are the plans' per-stage lists (None = the paper's pyramid). The builder's
+keyword-only options and their defaults are the single source of a backbone's options; a registered name
+stores only what its size changes (DLKUNet-S: ``levels=3``). ``check_options`` is the one place that
+validates user options (build_backbone and derived plans both ask it).
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,27 +22,58 @@ from ..blocks.ops import conv_for_dim, conv_dim
 from .unet import NetworkConfigError
 
 
+# the plans' arguments every builder takes; everything else keyword-only is a backbone option
+PLANS_ARGUMENTS = ("strides", "kernel_sizes", "patch_size", "deep_supervision")
+
+
+def builder_options(builder: Callable[..., nn.Module]) -> Dict[str, object]:
+    """The builder's keyword-only options with their defaults (``inspect.Parameter.empty`` if it has none)."""
+    return {p.name: p.default for p in inspect.signature(builder).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in PLANS_ARGUMENTS}
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     builder: Callable[..., nn.Module]
-    config: Dict = field(default_factory=dict)
+    size: Dict = field(default_factory=dict)  # only what this named size changes
     dims: Tuple[int, ...] = (2, 3)
     paper: str = ""
     description: str = ""
+
+    @property
+    def config(self) -> Dict[str, object]:
+        """Every option with its default for this name: the builder's defaults, then the size's."""
+        return {**builder_options(self.builder), **self.size}
 
 
 _REGISTRY: Dict[str, BackboneSpec] = {}
 
 
 def register_backbone(name: str, builder: Callable[..., nn.Module], *, dims=(2, 3), paper: str = "",
-                      description: str = "", **config) -> BackboneSpec:
+                      description: str = "", **size) -> BackboneSpec:
     if name in _REGISTRY:
         raise ValueError(f"backbone {name!r} is already registered")
-    spec = BackboneSpec(name=name, builder=builder, config=dict(config), dims=tuple(dims), paper=paper,
+    options = builder_options(builder)
+    unknown = sorted(set(size) - set(options))
+    if unknown:
+        raise ValueError(f"{name}: {builder.__name__} has no option(s) {unknown}")
+    undefined = sorted(k for k, v in options.items() if v is inspect.Parameter.empty and k not in size)
+    if undefined:
+        raise ValueError(f"{name}: option(s) {undefined} have no default in {builder.__name__}; give them as the size")
+    spec = BackboneSpec(name=name, builder=builder, size=dict(size), dims=tuple(dims), paper=paper,
                         description=description)
     _REGISTRY[name] = spec
     return spec
+
+
+def check_options(name: str, options: Dict[str, object]) -> None:
+    """A ``NetworkConfigError`` naming the valid options (with defaults) if ``options`` has unknown keys."""
+    spec = get_backbone(name)
+    unknown = sorted(set(options) - set(spec.config))
+    if unknown:
+        raise NetworkConfigError(f"{name}: unknown option(s) {unknown}; valid options are "
+                                 f"{', '.join(f'{k}={v!r}' for k, v in spec.config.items())}")
 
 
 def list_backbones() -> list:
@@ -73,9 +107,7 @@ def build_backbone(name: str, *, input_channels: int, num_classes: int, dim: Opt
         raise NetworkConfigError(
             f"{name} is a {'/'.join(f'{d}D' for d in spec.dims)} network and cannot be built for a {dim}D "
             f"configuration; train it on a {'2d' if 2 in spec.dims else '3d_fullres'} configuration instead.")
-    unknown = sorted(set(overrides) - set(spec.config))
-    if unknown:
-        raise NetworkConfigError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(spec.config)}")
+    check_options(name, overrides)
     config = {**spec.config, **overrides}
     return spec.builder(conv_op, input_channels, num_classes, strides=strides, kernel_sizes=kernel_sizes,
                         patch_size=patch_size, deep_supervision=deep_supervision, **config)
