@@ -63,3 +63,19 @@ def test_axiswise_norm_is_accurate_in_onnxruntime_on_a_large_map(tmp_path):
     errors["torch"] = (norm(x.float()).double() - exact).abs().max().item()
     # measured: onnx_op 5e-5, axiswise 1e-6, torch 5e-7
     assert errors["axiswise"] < 10 * errors["torch"] and errors["onnx_op"] > 10 * errors["axiswise"], errors
+
+
+def test_every_per_dimension_question_accepts_conv_subclasses():
+    from nnunet_lk.blocks import ops
+
+    class MyConv3d(nn.Conv3d):
+        pass
+    for conv_op, dim in ((nn.Conv2d, 2), (MyConv3d, 3), (ops.conv_for_dim(2), 2), (ops.conv_for_dim(3), 3)):
+        assert ops.conv_dim(conv_op) == dim
+        assert ops.max_pool_op(conv_op) is (nn.MaxPool2d if dim == 2 else nn.MaxPool3d)
+        assert ops.conv_transpose_op(conv_op) is (nn.ConvTranspose2d if dim == 2 else nn.ConvTranspose3d)
+        assert ops.instance_norm_op(conv_op) is (nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d)
+        assert type(ops.make_norm("batch", conv_op, 4)) is (nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d)
+        assert ops.linear_interpolation_mode(dim) == ("bilinear" if dim == 2 else "trilinear")
+    with pytest.raises(ValueError, match="Conv2d or torch.nn.Conv3d"):
+        ops.conv_dim(nn.Conv1d)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NetworkConfigError
-from .ops import anisotropic_kernel, conv_dim, make_norm, same_padding
+from .ops import anisotropic_kernel, conv_dim, instance_norm_op, linear_interpolation_mode, make_norm, same_padding
 
 # "instance_plain" is the official 3D code's nn.InstanceNorm3d(c): affine=False, no parameters.
 NORM_KINDS = ("batch", "instance", "instance_plain")
@@ -27,7 +27,7 @@ LMS_KERNELS = (3, 5, 7, 9)
 def lgms_norm(kind: str, conv_op, channels: int) -> nn.Module:
     """``batch`` / ``instance`` (nnU-Net's affine IN) from ops.make_norm, plus ``instance_plain``."""
     if kind == "instance_plain":
-        return (nn.InstanceNorm2d if conv_dim(conv_op) == 2 else nn.InstanceNorm3d)(channels)
+        return instance_norm_op(conv_op)(channels)  # torch's defaults: no affine (the official 3D code)
     if kind not in NORM_KINDS:
         raise NetworkConfigError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")
     return make_norm(kind, conv_op, channels)
@@ -225,7 +225,7 @@ class UpConv(nn.Module):
     def __init__(self, conv_op, cin: int, cout: int, *, norm: str = "batch",
                  plan_kernel: Sequence[int] | None = None):
         super().__init__()
-        self.mode = "bilinear" if conv_dim(conv_op) == 2 else "trilinear"
+        self.mode = linear_interpolation_mode(conv_dim(conv_op))
         self.conv = ConvNormAct(conv_op, cin, cout, 3, norm=norm, act=nn.ReLU, bias=True, plan_kernel=plan_kernel)
 
     def forward(self, x, size: Sequence[int]):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..errors import NetworkConfigError
-from .ops import adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, pointwise_conv, same_padding
+from .ops import (adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, linear_interpolation_mode,
+                  pointwise_conv, same_padding)
 from .reparam import ReparamDepthwise
 
 
@@ -55,8 +56,7 @@ def upsample_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     and also covers per-axis strides such as (1, 2, 2)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    mode = "bilinear" if x.dim() == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=True)
+    return F.interpolate(x, size=tuple(size), mode=linear_interpolation_mode(x.dim() - 2), align_corners=True)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

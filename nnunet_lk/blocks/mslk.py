@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from ..errors import NetworkConfigError
 from .depthwise import grouped_conv
-from .ops import anisotropic_kernel, as_tuple, conv_dim, make_norm, same_padding
+from .ops import (anisotropic_kernel, as_tuple, avg_pool_fn, conv_dim, conv_transpose_op, linear_interpolation_mode,
+                  make_norm, same_padding)
 from .reparam import ReparamDepthwise
 
-_AVG_POOL_FN = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _check_divisible(block: str, what: str, channels: int, divisor: int, option: str):
@@ -173,7 +173,7 @@ class ProgressiveChannelSelfAttention(nn.Module):
 
     def forward(self, x):
         window = tuple(min(w, s) for w, s in zip(self.window, x.shape[2:]))  # guard for small maps
-        y = self.norm(_AVG_POOL_FN[self.dim](x, window, stride=window))
+        y = self.norm(avg_pool_fn(self.dim)(x, window, stride=window))
         batch, channels = y.shape[:2]
         q, k, v = (proj(y).reshape(batch, self.heads, channels // self.heads, -1)
                    for proj in (self.query, self.key, self.value))
@@ -234,3 +234,44 @@ class RepLKBlock(nn.Module):
         y = self.pw1_act(self.pw1_norm(self.pw1(self.pre_norm(x))))
         y = self.lk_act(self.large_kernel(y))
         return x + self.pw2_norm(self.pw2(y))
+
+
+# ---- the U around them: decoder stage and skip fusion --------------------------------------------------
+class ConvNormReLU(nn.Sequential):
+    def __init__(self, conv_op, cin: int, cout: int, norm: str, bias: bool, plan_kernel=None):
+        dim = conv_dim(conv_op)
+        kernel = anisotropic_kernel(3, plan_kernel, dim)
+        super().__init__(conv_op(cin, cout, kernel, padding=same_padding(kernel, 1, dim), bias=bias),
+                         make_norm(norm, conv_op, cout), nn.ReLU(inplace=True))
+
+
+class MSLKUpStage(nn.Module):
+    """Up-sample by the stride (cin → cout), concat [skip, up], (Conv3-norm-ReLU) ×2 (2·cout → cout)."""
+
+    def __init__(self, conv_op, cin: int, cout: int, stride: Sequence[int], norm: str = "batch",
+                 upsample: str = "transpose", conv_bias: bool = False, plan_kernel=None):
+        super().__init__()
+        dim = conv_dim(conv_op)
+        stride = as_tuple(stride, dim)
+        if upsample == "transpose":
+            self.up = conv_transpose_op(conv_op)(cin, cout, kernel_size=stride, stride=stride)
+        else:
+            self.up = nn.Sequential(nn.Upsample(scale_factor=tuple(float(s) for s in stride),
+                                                mode=linear_interpolation_mode(dim)),
+                                    conv_op(cin, cout, 1))
+        self.conv1 = ConvNormReLU(conv_op, 2 * cout, cout, norm, conv_bias, plan_kernel)
+        self.conv2 = ConvNormReLU(conv_op, cout, cout, norm, conv_bias, plan_kernel)
+
+    def forward(self, x, skip):
+        return self.conv2(self.conv1(torch.cat([skip, self.up(x)], dim=1)))
+
+
+class LDSkips(nn.Module):
+    """An LD block on each skip (levels 0..L-2); the deepest level goes to the decoder untouched."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, features):
+        return [ld(f) for ld, f in zip(self.blocks, features[:-1])]

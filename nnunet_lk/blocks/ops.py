@@ -7,6 +7,7 @@ from typing import Sequence, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .depthwise import LKConv2d, LKConv3d
 
@@ -40,6 +41,13 @@ def conv_for_dim(dim: int) -> Type[nn.Module]:
     return _CONV[dim]
 
 
+def linear_interpolation_mode(dim: int) -> str:
+    """``F.interpolate``'s linear mode for a 2D (bilinear) or 3D (trilinear) map."""
+    if dim not in (2, 3):
+        raise ValueError(f"only 2D and 3D maps are interpolated, got dim={dim}")
+    return "bilinear" if dim == 2 else "trilinear"
+
+
 def conv_transpose_op(conv_op) -> Type[nn.Module]:
     return _CONV_TRANSPOSE[conv_dim(conv_op)]
 
@@ -58,6 +66,15 @@ def adaptive_avg_pool_op(conv_op) -> Type[nn.Module]:
 
 def batch_norm_op(conv_op) -> Type[nn.Module]:
     return _BATCH_NORM[conv_dim(conv_op)]
+
+
+def instance_norm_op(conv_op) -> Type[nn.Module]:
+    return _INSTANCE_NORM[conv_dim(conv_op)]
+
+
+def avg_pool_fn(dim: int):
+    """``F.avg_pool2d`` / ``F.avg_pool3d`` (the functional form, for windows computed per input)."""
+    return {2: F.avg_pool2d, 3: F.avg_pool3d}[dim]
 
 
 def make_norm(kind: str, conv_op, channels: int) -> nn.Module:

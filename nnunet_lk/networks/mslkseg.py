@@ -36,59 +36,15 @@ last ``seg_layers`` entry.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
 import torch.nn as nn
 
-from ..blocks.mslk import MISBlock, RepLKBlock
-from ..blocks.ops import (anisotropic_kernel, as_tuple, avg_pool_op, conv_dim, conv_transpose_op, make_norm,
-                          max_pool_op, NORM_KINDS, same_padding)
+from ..blocks.mslk import LDSkips, MISBlock, MSLKUpStage, RepLKBlock
+from ..blocks.ops import NORM_KINDS, as_tuple, avg_pool_op, conv_dim, max_pool_op
 from .registry import register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, resolve_level_strides
 
 DOWNSAMPLE_KINDS = ("maxpool", "avgpool")
 UPSAMPLE_KINDS = ("transpose", "interpolate")
-
-
-class ConvNormReLU(nn.Sequential):
-    def __init__(self, conv_op, cin: int, cout: int, norm: str, bias: bool, plan_kernel=None):
-        dim = conv_dim(conv_op)
-        kernel = anisotropic_kernel(3, plan_kernel, dim)
-        super().__init__(conv_op(cin, cout, kernel, padding=same_padding(kernel, 1, dim), bias=bias),
-                         make_norm(norm, conv_op, cout), nn.ReLU(inplace=True))
-
-
-class MSLKUpStage(nn.Module):
-    """Up-sample by the stride (cin → cout), concat [skip, up], (Conv3-norm-ReLU) ×2 (2·cout → cout)."""
-
-    def __init__(self, conv_op, cin: int, cout: int, stride: Sequence[int], norm: str = "batch",
-                 upsample: str = "transpose", conv_bias: bool = False, plan_kernel=None):
-        super().__init__()
-        dim = conv_dim(conv_op)
-        stride = as_tuple(stride, dim)
-        if upsample == "transpose":
-            self.up = conv_transpose_op(conv_op)(cin, cout, kernel_size=stride, stride=stride)
-        else:
-            mode = "bilinear" if dim == 2 else "trilinear"
-            self.up = nn.Sequential(nn.Upsample(scale_factor=tuple(float(s) for s in stride), mode=mode),
-                                    conv_op(cin, cout, 1))
-        self.conv1 = ConvNormReLU(conv_op, 2 * cout, cout, norm, conv_bias, plan_kernel)
-        self.conv2 = ConvNormReLU(conv_op, cout, cout, norm, conv_bias, plan_kernel)
-
-    def forward(self, x, skip):
-        return self.conv2(self.conv1(torch.cat([skip, self.up(x)], dim=1)))
-
-
-class LDSkips(nn.Module):
-    """An LD block on each skip (levels 0..L-2); the deepest level goes to the decoder untouched."""
-
-    def __init__(self, blocks: Sequence[nn.Module]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, features):
-        return [ld(f) for ld, f in zip(self.blocks, features[:-1])]
 
 
 def _check_choice(option: str, value, choices):
