@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 from ..errors import TrainingFailed, UsageError  # noqa: F401  (TrainingFailed: public here too)
 from ..process_group import run_streaming
-from .results import FoldRun
+from .results import FoldJobLabels, FoldRun
 from .runner import budget_env, fold_action, plan_runs, train_command
 
 # handed to every job as they are where the job is submitted: nnU-Net's folders, nnU-Net's and our settings
@@ -31,7 +31,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 
 @dataclass
-class TrainJob:
+class TrainJob(FoldJobLabels):
     """One nnUNetv2_train run; ``action`` is what the fold needed when it was planned."""
     dataset: str
     configuration: str
@@ -42,14 +42,6 @@ class TrainJob:
     action: str            # train | resume | validate
     path: str              # the fold folder
     env: Dict[str, str] = field(default_factory=dict)   # set on top of the environment the job runs in
-
-    @property
-    def key(self) -> str:
-        return f"{self.trainer}__{self.configuration}__fold{self.fold}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.action} {self.trainer} {self.configuration} fold {self.fold}"
 
     def command(self, action: Optional[str] = None) -> List[str]:
         return train_command(self.dataset, self.configuration, self.fold, self.trainer, self.plans, self.device,

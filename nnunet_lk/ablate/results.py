@@ -33,6 +33,18 @@ VAL_LOSS = re.compile(r"val_loss (-?[0-9.eE+-]+|nan)")
 PSEUDO_DICE = re.compile(r"Pseudo dice \[(.*)\]")
 
 
+class FoldJobLabels:
+    """``key`` and ``label`` of a job record naming (trainer, configuration, fold) and an action."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.trainer}__{self.configuration}__fold{self.fold}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.action} {self.trainer} {self.configuration} fold {self.fold}"
+
+
 @dataclass
 class FoldRun:
     trainer: str

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 from ..errors import StateFileError  # noqa: F401  (public here too)
+from .results import FoldJobLabels
 
 STATE_NAME = "ablate_jobs.json"
 LOCK_NAME = ".ablate_jobs.lock"
@@ -21,7 +22,7 @@ VERSION = 1
 
 
 @dataclass
-class JobRecord:
+class JobRecord(FoldJobLabels):
     """One submitted (trainer, configuration, fold) job."""
     executor: str
     job_id: str
@@ -36,14 +37,6 @@ class JobRecord:
     stdout: str
     stderr: str
     submitted: float
-
-    @property
-    def key(self) -> str:
-        return f"{self.trainer}__{self.configuration}__fold{self.fold}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.action} {self.trainer} {self.configuration} fold {self.fold}"
 
     def belongs_to(self, dataset: str, plans: str, configuration: str) -> bool:
         return (self.dataset, self.plans, self.configuration) == (dataset, plans, configuration)
