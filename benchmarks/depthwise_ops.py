@@ -13,8 +13,8 @@ A benchmark script, not a test.
    median of the paired ratios, so load on a shared machine hits both alike. Achieved GFLOP/s use
    2·N·C·Π(out)·Π(k) FLOPs forward and 3x that forward+backward, and are given as a fraction of the fp32
    sgemm peak measured in the same run (best of a few 2048² ``torch.mm``).
-3. ``--formulations``: times each candidate formulation alone (the measurements behind the static rule in
-   ``nnunet_lk/blocks/depthwise.py``), in both input layouts.
+3. ``--formulations``: times each candidate formulation alone (the measurements behind the static rule of
+   ``nnunet_lk/blocks/depthwise.py``, written down in ``docs/depthwise.md`` §1), in both input layouts.
 
     python benchmarks/depthwise_ops.py --quick                 # a few shapes
     python benchmarks/depthwise_ops.py                         # every shape (see --slow)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from nnunet_lk.blocks import depthwise as dw
 from nnunet_lk.blocks.depthwise import LKConv2d, LKConv3d, grouped_conv
+from nnunet_lk.errors import UsageError
 from nnunet_lk.networks import build_backbone, get_backbone, list_backbones
 
 TINY = {"dlkunet_s": dict(width=8), "dlkunet_m": dict(width=8), "dlkunet_l": dict(width=8),
@@ -213,6 +214,20 @@ def test_env_switch_routes_to_torch(monkeypatch):
     monkeypatch.setenv(dw.ENV, "slow")
     with pytest.raises(ValueError, match=dw.ENV):
         conv(x)
+
+
+def test_a_bad_env_value_is_a_usage_error_naming_the_variable_value_and_choices(monkeypatch):
+    monkeypatch.setenv(dw.ENV, "Slow")
+    with pytest.raises(UsageError) as raised:
+        dw.mode()
+    message = str(raised.value)
+    assert isinstance(raised.value, ValueError)  # callers catching ValueError still do
+    assert "NNUNET_LK_DEPTHWISE='Slow'" in message
+    assert "'fast'" in message and "'torch'" in message
+    monkeypatch.setenv(dw.ENV, " Torch ")
+    assert dw.mode() == "torch"
+    monkeypatch.setenv(dw.ENV, "")
+    assert dw.mode() == "fast"
 
 
 def test_modules_keep_nn_conv_parameters_and_keys():

@@ -110,28 +110,46 @@ def markdown_report(abl: Ablation, plots: Dict[str, Path]) -> str:
 
 
 def write_plots(abl: Ablation, out: Path) -> Dict[str, Path]:
+    """One PNG each: a box plot per metric (one panel per class), Dice against size and speed, training curves."""
+    trainers = [t for t, i in abl.trainers.items() if i["folds"]]
+    short = {t: t.replace("nnUNetTrainer", "") or "nnUNetTrainer" for t in trainers}
+    plots = {f"box_{metric}": _box_plot(abl, out, trainers, short, metric) for metric in ("Dice", "HD95", "NSD")}
+    plots["pareto"] = _pareto_plot(abl, out, trainers, short)
+    plots["curves"] = _curves_plot(abl, out, trainers, short)
+    return plots
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display on a cluster node)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    plots = {}
-    trainers = [t for t, i in abl.trainers.items() if i["folds"]]
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def _box_plot(abl: Ablation, out: Path, trainers, short, metric: str) -> Path:
+    """Per-case means of one metric, a panel per class, a box per trainer."""
     classes = sorted({r["class"] for r in abl.rows}, key=lambda k: (len(k), k))
-    short = {t: t.replace("nnUNetTrainer", "") or "nnUNetTrainer" for t in trainers}
-    for metric in ("Dice", "HD95", "NSD"):
-        fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(max(4, 1.2 * len(trainers)) * max(len(classes), 1), 4),
-                                 squeeze=False)
-        for ax, cls in zip(axes[0], classes):
-            data = [[v for v in case_means(abl.rows, t, metric, cls).values() if np.isfinite(v)] for t in trainers]
-            ax.boxplot([d if d else [math.nan] for d in data], tick_labels=[short[t] for t in trainers])
-            ax.set_title(f"{metric}: {_cls_name(abl, cls)}")
-            ax.tick_params(axis="x", rotation=45)
-        fig.tight_layout()
-        plots[f"box_{metric}"] = out / f"ablate_box_{metric.lower()}.png"
-        fig.savefig(plots[f"box_{metric}"], dpi=100)
-        plt.close(fig)
+    fig, axes = _pyplot().subplots(1, max(len(classes), 1),
+                                   figsize=(max(4, 1.2 * len(trainers)) * max(len(classes), 1), 4), squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        data = [[v for v in case_means(abl.rows, t, metric, cls).values() if np.isfinite(v)] for t in trainers]
+        ax.boxplot([d if d else [math.nan] for d in data], tick_labels=[short[t] for t in trainers])
+        ax.set_title(f"{metric}: {_cls_name(abl, cls)}")
+        ax.tick_params(axis="x", rotation=45)
+    return _save(fig, out / f"ablate_box_{metric.lower()}.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+
+def _pareto_plot(abl: Ablation, out: Path, trainers, short) -> Path:
+    """Mean Dice against parameters and against latency, the baseline starred, with the Pareto front."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "latency_ms", "latency per patch (ms)")):
         points = [(abl.trainers[t][key] / (1e6 if key == "params" else 1), abl.trainers[t]["Dice_mean"], t)
                   for t in trainers if key in abl.trainers[t] and np.isfinite(abl.trainers[t]["Dice_mean"])]
@@ -147,12 +165,12 @@ def write_plots(abl: Ablation, out: Path) -> Dict[str, Path]:
         ax.set_ylabel("mean Dice")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{abl.dataset} {abl.configuration}: Dice vs size and speed")
-    fig.tight_layout()
-    plots["pareto"] = out / "ablate_pareto.png"
-    fig.savefig(plots["pareto"], dpi=100)
-    plt.close(fig)
+    return _save(fig, out / "ablate_pareto.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+
+def _curves_plot(abl: Ablation, out: Path, trainers, short) -> Path:
+    """Training loss, validation loss and nnU-Net's pseudo Dice per epoch, a line per trainer and fold."""
+    fig, axes = _pyplot().subplots(1, 3, figsize=(15, 4))
     for t in trainers:
         for f, curves in sorted(abl.trainers[t]["curves"].items()):
             epochs = sorted(curves)
@@ -165,11 +183,7 @@ def write_plots(abl: Ablation, out: Path) -> Dict[str, Path]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    plots["curves"] = out / "ablate_training_curves.png"
-    fig.savefig(plots["curves"], dpi=100)
-    plt.close(fig)
-    return plots
+    return _save(fig, out / "ablate_training_curves.png")
 
 
 def _pareto_front(points):

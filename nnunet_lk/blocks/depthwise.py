@@ -14,12 +14,13 @@ backward can be written as *forward* convolutions that run on them:
 - grad_bias = the sum of grad_output;
 - before any of these (stride 1): kernel taps that only ever meet the zero padding are cropped
   (``crop_kernel``: a dilated 7x7 on a 7x5 map is a 5x3), and a dilated conv runs as a non-dilated one on
-  the dilation's phase grids (``space_to_batch``: oneDNN's dilated depthwise kernels are slow).
+  the dilation's phase grids (``space_to_batch``: oneDNN's dilated depthwise kernels are slow); both in
+  ``depthwise_layout.py``.
 
 ``grouped_conv`` chooses per call by a static rule (``forward_plan``, ``grad_input_plan``,
 ``grad_weight_plan``), falling back to torch's own formulation where that is as fast. Results (and input
 gradients) come back in the input's memory format: a contiguous network stays contiguous, a
-channels-last one channels-last. The conversions are included in every ratio below.
+channels-last one channels-last. The conversions are included in every measured ratio.
 
 torch's own ``F.conv2d``/``F.conv3d`` runs, unchanged:
 - on CUDA (any non-CPU device), for tensors that are not float32, under CPU autocast, when oneDNN
@@ -35,40 +36,9 @@ torch's own ``F.conv2d``/``F.conv3d`` runs, unchanged:
 
 Not supported: double backward (create_graph=True through the fast path); set NNUNET_LK_DEPTHWISE=torch.
 
-Measurements behind the rule: 2-core AMD EPYC (AVX-512), torch 2.14, 2 threads, fp32, the shapes the
-backbones run on the Hippocampus plans (2d 56x40 at batch 8, 3d_fullres 40x56x40 at batch 2) and Kvasir-like
-2D 256² (batch 4); N x C x spatial. Figure = time of the option / time of torch's default on the same input
-layout, median of paired interleaved runs (``benchmarks/depthwise_ops.py --formulations``), quiet machine;
-conversions to/from channels-last included. "C" = channels, "area" = Π(kernel).
-
-forward, channels-last kernel. Rule: 2D area >= 49 or C <= 8; 3D never.
-  contiguous: 2D 21x21 0.03-0.07, 7x7 dil 3 0.66-0.78, 7x7/9x9 with C=4 0.51-0.88, 3x3 with C=3 0.32;
-              but 5x5 with C=96-192 1.4-3.1, 3x3 C=192 1.6, 3x1 C=192 3.7.  3D 3³-7³: 0.89-0.97.
-  channels-last input: torch's own path is this kernel.
-grad_input, flipped kernel. Rule: contiguous 2D area >= 49 or C <= 8, 3D area >= 27; channels-last 2D
-  area >= 9, 3D always; stride > 1: transposed (2D contiguous: torch's own).
-  contiguous: 2D 21x21 0.54-1.0, 7x7 dil 3 0.23-0.33, 7x7/9x9 C=4 0.39-0.72; 5x5 C>=96 1.4-2.6, 3x3 C=192
-              1.6.  3D 7³ 0.02 (26 ms vs 1.3 s), 5³ 0.02, 3³ 0.13, 3x1x1 0.7-1.6.
-  channels-last: 2D area >= 9 0.43-0.94, 3x1 0.84-1.0; 3D 0.11-0.25.
-  stride 2 (loaded machine): 2D transposed 1.0-1.2 of torch's own; 3D 0.83-1.0 of torch_cl (torch's own
-              NCDHW one: minutes); channels-last 0.37-1.0.
-grad_weight, folded. Rule: contiguous 2D area >= 25 or C <= 8, 3D area >= 27; channels-last 2D area >= 49,
-  3D area >= 27 and N·C >= 32; 3D stride > 1: torch_cl.
-  contiguous: 2D 21x21 0.05-0.15, 7x7 dil 3 0.12-0.50, 5x5 0.12-0.77, 7x7/9x9 0.12-0.20, 3x3 C=3 0.50,
-              3x3 C=192 2.2, 3x1 0.7-2.6.  3D 7³ 0.05 (51 ms vs 1.0 s), 5³ 0.10, 3³ 0.15, 3x1x1 1.2-1.6.
-  channels-last: 2D 21x21 0.03-0.15, 7x7/9x9 0.09-0.77, 5x5 0.7-1.1, 3x3 1.3-13, 3x1 6-12;
-              3D 0.25-0.54 with N·C >= 48, 1.4-2.0 with N·C = 8.
-  stride 2 (loaded machine): 2D folded 0.06-0.7; 3D folded 9-38x slower (it is a dilated 3D conv).
-dilation: phase grids + non-dilated conv (2D and 3D, stride 1, 'same' padding).
-  2D 7x7 dil 3 vs torch: forward 0.29-0.73, forward+backward 0.19-0.59 (the direct channels-last conv:
-  0.42-3.3 and 0.26-2.0; oneDNN is slow when the padding, 9, exceeds the kernel, 7).  3D 7³ dil 3 vs the
-  direct channels-last conv: forward 0.01-0.42, forward+backward 0.08-0.51.
-
-End to end vs torch (``benchmarks/results/depthwise_ops_cpu.md``, every shape): forward+backward 2D 7x7 dil 3:
-2.1-5.8x, 21x21: 7-18x, 3D 3³-9³: 3-34x, 3D 7³ dil 3: 4-15x; forward 2D 21x21: 12-21x, 2D 7x7 dil 3: 1.2-3.8x,
-3D 7³ dil 3: 5-14x; 3x3, axial and 1x1 convs run torch's own path (0.85-1.05, sub-millisecond calls). The
-first call of a new shape pays oneDNN's kernel creation (up to ~1 s for the folded weight gradient of a 3D
-full-resolution map).
+Measurements behind the rule (docs/depthwise.md §1.1-1.6): each formulation timed against torch's default,
+with the thresholds it gave; end to end, forward+backward runs 2-34x faster on the large and dilated
+kernels, while 3x3, axial and 1x1 convs keep torch's path.
 Results agree with torch's to float32 rounding (max relative error <= 1e-5 over every benchmarked shape).
 """
 from __future__ import annotations
@@ -83,10 +53,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..errors import UsageError
+# layouts and shape transforms (batch_to_space, space_to_batch: re-exported for tests/test_depthwise.py)
+from .depthwise_layout import (BatchToSpace, SpaceToBatch, batch_to_space, crop_kernel, is_channels_last,
+                               phases_apply, space_to_batch, to_channels_last)
+
 ENV = "NNUNET_LK_DEPTHWISE"
 MODES = ("fast", "torch")
 
-_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -95,9 +69,11 @@ IntOrSeq = Union[int, Sequence[int]]
 
 def mode() -> str:
     """``fast`` (default) or ``torch``, from ``NNUNET_LK_DEPTHWISE``."""
-    value = os.environ.get(ENV, "fast").strip().lower() or "fast"
+    raw = os.environ.get(ENV, "fast")
+    value = raw.strip().lower() or "fast"
     if value not in MODES:
-        raise ValueError(f"{ENV}={value!r}; use 'fast' (default) or 'torch' (PyTorch's own convolution path)")
+        raise UsageError(f"{ENV}={raw!r} is not valid; use 'fast' (the default) or 'torch' (PyTorch's own "
+                         "convolution path), or unset it")
     return value
 
 
@@ -111,22 +87,6 @@ def _tuple(value, dim: int) -> Tuple[int, ...]:
         return (value,) * dim
     value = tuple(int(v) for v in value)
     return value * dim if len(value) == 1 else value
-
-
-# ---- layouts ----------------------------------------------------------------------------------------------
-def to_channels_last(t: torch.Tensor) -> torch.Tensor:
-    """Channels-last with a dense stride on a size-1 batch axis too (oneDNN takes any other stride there for
-    a strided layout and runs its slow reference kernel, ~10x slower)."""
-    t = t.contiguous(memory_format=_CHANNELS_LAST[t.dim() - 2])
-    if t.shape[0] == 1 and t.stride(0) != t.numel():
-        t = t.as_strided(t.shape, (t.numel(), *t.stride()[1:]))
-    return t
-
-
-def is_channels_last(t: torch.Tensor) -> bool:
-    """Stored channels-last and not also plain contiguous (the ambiguous C == 1 or one-voxel case counts as
-    contiguous)."""
-    return t.is_contiguous(memory_format=_CHANNELS_LAST[t.dim() - 2]) and not t.is_contiguous()
 
 
 def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -184,13 +144,15 @@ def torch_backward(grad_out, x, weight, stride, padding, dilation, channels_last
 
 
 # ---- the rule ------------------------------------------------------------------------------------------------
-# A static rule from the measurements in the module docstring. ``kernel``: per-axis sizes; ``channels``: C;
+# A static rule from the measurements in docs/depthwise.md §1.2-1.4. ``kernel``: per-axis sizes; ``channels``: C;
 # ``batch``: N. "area" = Π(kernel). Contiguous 2D input: torch's own kernels are good for small kernels on
 # many channels (converting to channels-last costs more than it saves), poor for large kernels or few
 # channels; its weight gradient is poor from 5x5 up.
 def forward_plan(channels_last: bool, kernel: Sequence[int], channels: int) -> str:
     """``channels_last`` (oneDNN's channels-last kernel, converting a contiguous input and the result) or
-    ``torch`` (F.conv on the input as it is; on a channels-last input that is the same oneDNN kernel)."""
+    ``torch`` (F.conv on the input as it is; on a channels-last input that is the same oneDNN kernel).
+    Rule (docs/depthwise.md §1.2): channels_last for a contiguous 2D input with area >= 49 or C <= 8;
+    never in 3D."""
     if channels_last or len(kernel) == 3:  # 3D: torch's NCDHW forward is as fast (0.87-1.35)
         return "torch"
     return "channels_last" if math.prod(kernel) >= 49 or channels <= 8 else "torch"
@@ -198,7 +160,10 @@ def forward_plan(channels_last: bool, kernel: Sequence[int], channels: int) -> s
 
 def grad_input_plan(channels_last: bool, kernel, channels: int, stride, padding, dilation) -> str:
     """``flipped`` (stride 1), ``transposed``, ``torch`` (torch's own backward in the input's layout) or
-    ``torch_cl`` (torch's own backward in channels-last)."""
+    ``torch_cl`` (torch's own backward in channels-last).
+    Rule (docs/depthwise.md §1.3): flipped for contiguous 2D area >= 49 or C <= 8, 3D area >= 27,
+    channels-last 2D area >= 9, channels-last 3D always; stride > 1 (or padding the flip cannot take):
+    transposed, except torch's own for contiguous 2D."""
     area = math.prod(kernel)
     flippable = all(s == 1 for s in stride) and all(p <= d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
     if len(kernel) == 3:
@@ -213,7 +178,9 @@ def grad_input_plan(channels_last: bool, kernel, channels: int, stride, padding,
 
 
 def grad_weight_plan(channels_last: bool, kernel, channels: int, batch: int, stride) -> str:
-    """``folded``, ``torch`` or ``torch_cl`` (as in ``grad_input_plan``)."""
+    """``folded``, ``torch`` or ``torch_cl`` (as in ``grad_input_plan``).
+    Rule (docs/depthwise.md §1.4): folded for contiguous 2D area >= 25 or C <= 8, 3D area >= 27
+    (channels-last: and N·C >= 32), channels-last 2D area >= 49; 3D stride > 1: torch_cl."""
     area = math.prod(kernel)
     if len(kernel) == 3:
         if any(s > 1 for s in stride):
@@ -311,85 +278,6 @@ def fast_path_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             and not torch.is_autocast_enabled("cpu"))  # autocast casts inside F.conv: leave it to torch
 
 
-# ---- shape transforms before the formulations (differentiable torch ops) --------------------------------------
-def crop_kernel(weight, spatial, padding, dilation):
-    """Stride 1: on axes with 'same' padding (odd k, p = d·(k−1)/2) drop the kernel taps that only ever meet
-    the zero padding (a map shorter than the kernel's reach, e.g. a dilated 7x7 on a 7x5 bottleneck).
-    The same result with fewer FLOPs; the dropped taps get a zero gradient. Returns (weight, padding)."""
-    kernel = weight.shape[2:]
-    crop = [max(0, (k - 1) // 2 - (n - 1) // d) if k % 2 and p == d * (k - 1) // 2 else 0
-            for k, n, p, d in zip(kernel, spatial, padding, dilation)]
-    if not any(crop):
-        return weight, padding
-    weight = weight[(slice(None), slice(None)) + tuple(slice(c, k - c) for c, k in zip(crop, kernel))]
-    return weight, tuple(p - c * d for p, c, d in zip(padding, crop, dilation))
-
-
-def phases_apply(kernel, stride, padding, dilation) -> bool:
-    """A dilated conv (stride 1, 'same' padding on the dilated axes) runs as a non-dilated one on the
-    dilation's phase grids: oneDNN's dilated depthwise kernels are slow (in 3D, and in 2D when the padding
-    exceeds the kernel, as with 7x7 dilation 3)."""
-    return (any(d > 1 for d in dilation) and all(s == 1 for s in stride)
-            and all(d == 1 or (k % 2 and p == d * (k - 1) // 2) for k, p, d in zip(kernel, padding, dilation)))
-
-
-def space_to_batch(x: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
-    """(N, C, *S) -> (Πd·N, C, *⌈S/d⌉), channels-last, in one copy: sample n's phase (r_1, ..., r_k) (the
-    voxels at r + d·m) becomes batch entry (r, n); the end is zero-padded to a multiple of d."""
-    dim, (n, c) = x.dim() - 2, x.shape[:2]
-    pad = []
-    for size, d in zip(reversed(x.shape[2:]), reversed(dilation)):
-        pad += [0, (-size) % d]
-    if any(pad):
-        x = F.pad(x, pad)
-    reduced = [size // d for size, d in zip(x.shape[2:], dilation)]
-    split = x.reshape(n, c, *[v for q, d in zip(reduced, dilation) for v in (q, d)])
-    order = [3 + 2 * i for i in range(dim)] + [0] + [2 + 2 * i for i in range(dim)] + [1]
-    phases = split.permute(order).contiguous().reshape(math.prod(dilation) * n, *reduced, c)
-    return to_channels_last(phases.permute(0, dim + 1, *range(1, dim + 1)))
-
-
-def batch_to_space(y: torch.Tensor, dilation: Sequence[int], spatial: Sequence[int], channels_last: bool):
-    """Inverse of ``space_to_batch`` (cropped to ``spatial``), in the requested layout, in one copy."""
-    dim, c = y.dim() - 2, y.shape[1]
-    reduced = y.shape[2:]
-    n = y.shape[0] // math.prod(dilation)
-    t = y.permute(0, *range(2, 2 + dim), 1).reshape(*dilation, n, *reduced, c)
-    interleaved = sum([[dim + 1 + i, i] for i in range(dim)], [])
-    full = [q * d for q, d in zip(reduced, dilation)]
-    crop = tuple(slice(0, size) for size in spatial)
-    if channels_last:
-        out = t.permute(dim, *interleaved, 2 * dim + 1).reshape(n, *full, c)[(slice(None),) + crop]
-        return to_channels_last(out.permute(0, dim + 1, *range(1, dim + 1)))
-    out = t.permute(dim, 2 * dim + 1, *interleaved).reshape(n, c, *full)
-    return out[(slice(None), slice(None)) + crop].contiguous()
-
-
-class _SpaceToBatch(torch.autograd.Function):
-    """``space_to_batch`` whose backward (``batch_to_space``) returns the gradient in the input's layout."""
-
-    @staticmethod
-    def forward(ctx, x, dilation):
-        ctx.meta = (dilation, tuple(x.shape[2:]), is_channels_last(x))
-        return space_to_batch(x, dilation)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dilation, spatial, channels_last = ctx.meta
-        return batch_to_space(grad, dilation, spatial, channels_last), None
-
-
-class _BatchToSpace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, dilation, spatial, channels_last):
-        ctx.dilation = dilation
-        return batch_to_space(y, dilation, spatial, channels_last)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return space_to_batch(grad, ctx.dilation), None, None, None
-
-
 def grouped_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntOrSeq = 1,
                  padding: Union[IntOrSeq, str] = 0, dilation: IntOrSeq = 1, groups: int = 1) -> torch.Tensor:
     """``F.conv2d``/``F.conv3d`` (same arguments, same result to float32 rounding), fast on CPU for
@@ -405,8 +293,8 @@ def grouped_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if phases_apply(weight.shape[2:], stride, padding, dilation):
         inner = tuple(p // d for p, d in zip(padding, dilation))
         channels_last = is_channels_last(x)
-        out = grouped_conv(_SpaceToBatch.apply(x, dilation), weight, bias, 1, inner, 1, groups)
-        return _BatchToSpace.apply(out, dilation, tuple(x.shape[2:]), channels_last)
+        out = grouped_conv(SpaceToBatch.apply(x, dilation), weight, bias, 1, inner, 1, groups)
+        return BatchToSpace.apply(out, dilation, tuple(x.shape[2:]), channels_last)
     chosen = plans(x, weight.shape[2:], stride, padding, dilation)
     if chosen == ("torch", "torch", "torch"):
         return _torch_conv(x, weight, bias, stride, padding, dilation, groups)

@@ -146,11 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Start with `nnunet-lk doctor` and `nnunet-lk list`; "
                                             "`nnunet-lk COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for register in (_register_list, _register_summary, _register_env, _register_doctor, _register_plans,
+                     *_extra_commands()):
+        register(sub)
+    return parser
 
+
+def _register_list(sub) -> None:
     p = sub.add_parser("list", help="backbone names and trainer names")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_list)
 
+
+def _register_summary(sub) -> None:
     p = sub.add_parser("summary", help="build a backbone and print params and MACs (default: the paper's "
                                        "configuration)",
                        description="Build a backbone and print its parameters and MACs. Without flags: the "
@@ -173,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_summary)
 
+
+def _register_env(sub) -> None:
     p = sub.add_parser("env", help="shell lines that make nnU-Net find our trainers")
     p.add_argument("--install", action="store_true",
                    help="instead, install a start-up hook into this Python environment (no shell line needed)")
@@ -181,10 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a hook left behind does nothing once the package is gone)")
     p.set_defaults(func=cmd_env)
 
+
+def _register_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="check the installation through nnU-Net's own trainer lookup")
     p.add_argument("-v", "--verbose", action="store_true", help="also print nnU-Net's own lookup messages")
     p.set_defaults(func=cmd_doctor)
 
+
+def _register_plans(sub) -> None:
     p = sub.add_parser("plans", help="derive a plans variant (patch, batch, backbone options) without "
                                      "re-preprocessing; train it with -p NAME")
     p.add_argument("-d", "--dataset", help="dataset id or name, as for nnUNetv2_train (e.g. 4)")
@@ -199,10 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing derived plans file")
     p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     p.set_defaults(func=cmd_plans)
-
-    for register in _extra_commands():
-        register(sub)
-    return parser
 
 
 def _extra_commands():
