@@ -106,6 +106,49 @@ def test_eval_output_is_deterministic(name, dim):
         assert torch.equal(net(x), net(x))
 
 
+def _forward(net, x):
+    torch.manual_seed(3)  # the same dropout masks for both layouts
+    return net(x)
+
+
+def _loss_and_gradients(net, x):
+    x = x.clone().requires_grad_(True)
+    out = _forward(net, x)
+    sum(o.square().mean() for o in out).backward()
+    return out, x.grad, {n: p.grad for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_channels_last_entry_computes_the_same_network(name, dim):
+    # the CPU channels-last entry changes layouts only: the same eval outputs (float32, our fast op), the same
+    # training outputs and gradients (float64: in float32, batch statistics amplify summation-order rounding to
+    # ~1e-4 in outputs and ~1e-2 relative in some gradients, in either layout) and the same state dict;
+    # switching it off restores contiguous weights
+    nets = {cl: _net(name, dim, deep_supervision=True).train() for cl in (False, True)}
+    # the shipped choice, measured per backbone (README, "Depthwise convolutions at CPU speed")
+    assert nets[False].cpu_channels_last == name.startswith(("dlkunet", "lgmsnet", "lmnet"))
+    for cl, net in nets.items():
+        net.cpu_channels_last = cl
+        net.eval()
+    with torch.no_grad():
+        for a, b in zip(_forward(nets[False], _input(dim)), _forward(nets[True], _input(dim))):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    out, x_grad, grads = _loss_and_gradients(nets[False].double().train(), _input(dim).double())
+    out_cl, x_grad_cl, grads_cl = _loss_and_gradients(nets[True].double().train(), _input(dim).double())
+    for a, b in zip(out, out_cl):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x_grad_cl, x_grad, rtol=1e-9, atol=1e-12)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_cl[n], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    convs = [m for m in nets[True].modules() if isinstance(m, nn.modules.conv._ConvNd) and m.weight.dim() > 3]
+    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
+    assert convs and all(m.weight.is_contiguous(memory_format=fmt) for m in convs)
+    nets[False].load_state_dict(nets[True].state_dict(), strict=True)
+    nets[True].cpu_channels_last = False
+    nets[True](_input(dim).double())
+    assert all(m.weight.is_contiguous() for m in convs)
+
+
 def _reparameterising(name, dim):
     return any(isinstance(m, ReparamDepthwise) for m in _net(name, dim).modules())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -74,15 +75,46 @@ def test_bench_lists_unbuildable_backbone_as_skipped(monkeypatch, hippocampus_pl
                              warmup=0, repeats=1, isolate=False, dataset=DATASET, log=lambda m: None)
     stock, skipped = record["results"]
     assert stock["status"] == "ok" and stock["macs"] > 0
-    assert skipped == {"trainer": "nnUNetTrainerLMNet", "status": "skipped",
+    assert skipped == {"trainer": "nnUNetTrainerLMNet", "variant": "shipped", "status": "skipped",
                        "reason": "lmnet is a 2D network and this configuration is 3D"}
     table = bench.markdown_table(record)
-    assert "- nnUNetTrainerLMNet: skipped: lmnet is a 2D network" in table
+    assert "- nnUNetTrainerLMNet (as shipped): skipped: lmnet is a 2D network" in table
     with pytest.raises(ValueError, match="repeats"):
         bench.run_bench(plans, hippocampus_dataset_json, "3d_fullres", repeats=0)
 
 
+def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampus_plans, hippocampus_dataset_json):
+    # torch's depthwise path, ours, ours with the whole network channels-last: same network, three rows
+    monkeypatch.setenv("NNUNET_LK_DEPTHWISE", "fast")
+    plans = derive_plans(hippocampus_plans, "2d", "nnUNetPlans_tiny", patch_size=[16, 16], batch_size=2)
+    record = bench.run_bench(plans, hippocampus_dataset_json, "2d", trainers=["nnUNetTrainerLGMSNet"],
+                             warmup=0, repeats=1, isolate=False, dataset=DATASET, log=lambda m: None,
+                             variants=["torch", "contiguous", "channels_last"])
+    stock, *rows = record["results"]
+    assert stock["variant"] == "shipped" and "speedup_vs_torch_path" not in stock
+    assert [(r["trainer"], r["variant"], r["status"]) for r in rows] == [
+        ("nnUNetTrainerLGMSNet", v, "ok") for v in ("torch", "contiguous", "channels_last")]
+    old, fast, cl = rows
+    assert old["depthwise_mode"] == "torch" and fast["depthwise_mode"] == "fast"
+    assert cl["channels_last"] and not fast["channels_last"] and not old["channels_last"]
+    assert os.environ["NNUNET_LK_DEPTHWISE"] == "fast"  # the variant's setting did not leak
+    assert old["params"] == fast["params"] == cl["params"]
+    for r in (fast, cl):
+        assert r["speedup_vs_torch_path"]["train_step_ms_median"] == pytest.approx(
+            old["train_step_ms_median"] / r["train_step_ms_median"], rel=1e-3)
+    checks = bench.report.target_checks(record)
+    speed, latency = checks  # 2D: the training speed-up target (2x) and LGMSNet's latency vs stock
+    best = min(fast["train_step_ms_median"], cl["train_step_ms_median"])
+    assert speed["value"] == pytest.approx(old["train_step_ms_median"] / best, rel=1e-3)
+    assert speed["met"] == (speed["value"] >= 2.0) and latency["met"] == (latency["value"] <= 1.0)
+    table = bench.markdown_table(record)
+    assert "| torch depthwise |" in table and "| ours, channels-last |" in table
+    assert f"- {speed['text']}" in table
+    with pytest.raises(ValueError, match="--variants nchw"):
+        bench.run_bench(plans, hippocampus_dataset_json, "2d", variants=["nchw"])
+
+
 def test_a_network_over_the_timeout_is_reported_not_fatal():
-    from nnunet_lk.bench import _measure_in_subprocess
+    from nnunet_lk.bench import _measure_in_subprocess  # noqa: PLC0415
     r = _measure_in_subprocess({"trainer": "nnUNetTrainer", "sleep_forever": True}, timeout=0.01)
     assert r["status"] == "timeout" and "--timeout" in r["reason"]

@@ -176,10 +176,11 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     for kj, bias in zip(_iter_windows(k, key_index, 3), biases):
         logit = (q * kj).sum(2)  # (B, heads, *S)
         logits.append(logit if bias is None else logit + bias)
-    attn = torch.stack(logits, dim=0).softmax(dim=0)
+    # unbind, not attn[n]: each indexing's backward would zero-fill a gradient the size of all k^d weights
+    weights = torch.stack(logits, dim=0).softmax(dim=0).unbind(0)
     out = 0
-    for n, vj in enumerate(_iter_windows(v, key_index, 3)):
-        out = out + attn[n].unsqueeze(2) * vj
+    for weight, vj in zip(weights, _iter_windows(v, key_index, 3)):
+        out = out + weight.unsqueeze(2) * vj
     return out
 
 

@@ -12,6 +12,7 @@ def cmd_bench(args) -> int:
     record = run_bench(plans, dataset_json, args.configuration, trainers=args.trainers, batch=args.batch,
                        warmup=args.warmup, repeats=args.repeats, device=device, threads=args.threads,
                        isolate=not args.in_process, dataset=name, plans_name=args.plans, timeout=args.timeout,
+                       variants=args.variants,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = write_outputs(record, args.output)
     print(paths["markdown"].read_text())
@@ -38,5 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="measure all networks in this process (faster start; CPU memory figures then overlap)")
     p.add_argument("--timeout", type=float, help="seconds allowed per network (default: none)")
+    p.add_argument("--variants", nargs="+", default=["shipped"], choices=("shipped", "torch", "contiguous", "channels_last"),
+                   help="how each backbone runs, measured one after the other: shipped = as the trainer builds it "
+                        "(default); torch = PyTorch's own depthwise path on contiguous tensors "
+                        "(NNUNET_LK_DEPTHWISE=torch: the speed before our op); contiguous = our depthwise op on "
+                        "contiguous tensors; channels_last = our op, the whole network channels-last. Speed-ups are "
+                        "read against torch")
     p.add_argument("-o", "--output", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)

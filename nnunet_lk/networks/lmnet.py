@@ -82,7 +82,8 @@ def build_lmnet(conv_op, input_channels: int, num_classes: int, *, strides=None,
     decoder = UNetDecoder(stages, [widths[i] for i in reversed(range(n - 1))], conv_op, num_classes,
                           deep_supervision=deep_supervision)
     # the stride-2 convs round up and the x2 upsamplings then mismatch: pad inside to the total stride
-    return LKUNet(encoder, decoder, level_strides, skip_fusion=skips, bottleneck=bottleneck, backbone="lmnet")
+    return LKUNet(encoder, decoder, level_strides, skip_fusion=skips, bottleneck=bottleneck, backbone="lmnet",
+                  cpu_channels_last=True)  # bench --variants: train 2D 1.4x, 3D 1.6x faster; eval 2D 1.3x
 
 
 register_backbone(

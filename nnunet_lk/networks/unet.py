@@ -6,6 +6,10 @@ It owns what nnU-Net needs from a network, so each backbone file only supplies i
 - deep-supervision heads (``decoder.seg_layers``) always built, used only when
   ``decoder.deep_supervision`` is on, outputs highest resolution first,
 - ``deep_supervision_scales`` derived from the strides the network really uses,
+- ``cpu_channels_last``: on a CPU, run channels-last end to end (input converted once at the entry, conv
+  weights once at the first such call): chosen per backbone where oneDNN's channels-last kernels, our
+  depthwise op's fast path included, measured faster (``nnunet-lk bench --variants``). Off on other
+  devices and while tracing, exporting or compiling.
 - ``full_precision``: run in float32 even under autocast (set by the trainer when mixed precision
   makes the loss non-finite); kept in the state dict only when set, so checkpoints carry it to
   ``--c`` and to ``nnUNetv2_predict`` while older checkpoints still load strictly.
@@ -19,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks.ops import as_tuple
+from ..blocks.ops import as_tuple, channels_last_format, set_conv_weight_layout
 from ..errors import NetworkConfigError
 
 
@@ -108,7 +112,7 @@ class LKUNet(nn.Module):
 
     def __init__(self, encoder_stages: Sequence[nn.Module], decoder: UNetDecoder, level_strides, *,
                  skip_fusion: Optional[nn.Module] = None, bottleneck: Optional[nn.Module] = None,
-                 size_multiple: Optional[Sequence[int]] = None, backbone: str = ""):
+                 size_multiple: Optional[Sequence[int]] = None, backbone: str = "", cpu_channels_last: bool = False):
         super().__init__()
         if len(encoder_stages) != len(level_strides) or len(decoder.stages) != len(level_strides) - 1:
             raise ValueError("need one encoder stage per level and one decoder stage per level but the deepest")
@@ -120,6 +124,8 @@ class LKUNet(nn.Module):
         self.total_stride = cumulative_strides(self.level_strides)[-1]
         self.size_multiple = tuple(size_multiple) if size_multiple is not None else self.total_stride
         self.backbone = backbone
+        self.cpu_channels_last = cpu_channels_last
+        self._weights_channels_last = False
         self.full_precision = False
         self._register_state_dict_hook(_save_full_precision)
         self._register_load_state_dict_pre_hook(_load_full_precision, with_module=True)
@@ -148,12 +154,26 @@ class LKUNet(nn.Module):
         return self._forward(x)
 
     def _forward(self, x):
+        x = self._entry_layout(x)
         size = x.shape[2:]
         outputs = self.forward_aligned(pad_end_to_multiple(x, self.size_multiple))
         if self.decoder.deep_supervision:
             scales = self.deep_supervision_scales
             return [self._crop(o, size, s) for o, s in zip(outputs, scales)]
         return self._crop(outputs[0], size, [1.0] * len(size))
+
+    def _entry_layout(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() \
+                or torch.onnx.is_in_onnx_export():
+            return x  # graphs see the network as written
+        wanted = self.cpu_channels_last and x.device.type == "cpu"
+        # weights once, at the first such call; never under torch.distributed: DDP's gradient buckets follow
+        # the parameters' strides at its construction (the convs then take channels-last input alone)
+        weights = wanted and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        if weights != self._weights_channels_last:
+            set_conv_weight_layout(self, weights)
+            self._weights_channels_last = weights
+        return x.contiguous(memory_format=channels_last_format(x.dim() - 2)) if wanted else x
 
     @staticmethod
     def _crop(x: torch.Tensor, size, scale) -> torch.Tensor:
