@@ -89,7 +89,7 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     plans = derive_plans(hippocampus_plans, "2d", "nnUNetPlans_tiny", patch_size=[16, 16], batch_size=2)
     record = bench.run_bench(plans, hippocampus_dataset_json, "2d", trainers=["nnUNetTrainerLGMSNet"],
                              warmup=0, repeats=1, isolate=False, dataset=DATASET, log=lambda m: None,
-                             variants=["torch", "contiguous", "channels_last"])
+                             variants=["torch", "contiguous", "channels_last"], profile=True)
     stock, *rows = record["results"]
     assert stock["variant"] == "shipped" and "speedup_vs_torch_path" not in stock
     assert [(r["trainer"], r["variant"], r["status"]) for r in rows] == [
@@ -102,6 +102,10 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     for r in (fast, cl):
         assert r["speedup_vs_torch_path"]["train_step_ms_median"] == pytest.approx(
             old["train_step_ms_median"] / r["train_step_ms_median"], rel=1e-3)
+    for r in rows:  # the profiled step: shares per kind of op, summing to 1; LGMSNet has depthwise convs
+        shares = r["train_step_profile"]
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3) and shares["depthwise convs"] > 0
+        assert shares["attention"] > 0  # its GMS blocks' scaled-dot-product attention
     checks = bench.report.target_checks(record)
     speed, latency = checks  # 2D: the training speed-up target (2x) and LGMSNet's latency vs stock
     best = min(fast["train_step_ms_median"], cl["train_step_ms_median"])
@@ -109,7 +113,7 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     assert speed["met"] == (speed["value"] >= 2.0) and latency["met"] == (latency["value"] <= 1.0)
     table = bench.markdown_table(record)
     assert "| torch depthwise |" in table and "| ours, channels-last |" in table
-    assert f"- {speed['text']}" in table
+    assert f"- {speed['text']}" in table and "Where one training step goes" in table
     with pytest.raises(ValueError, match="--variants nchw"):
         bench.run_bench(plans, hippocampus_dataset_json, "2d", variants=["nchw"])
 

@@ -121,7 +121,8 @@ def build_network(trainer: str, plans: dict, dataset_json: dict, configuration: 
 def run_bench(plans: dict, dataset_json: dict, configuration: str, *, trainers: Optional[Sequence[str]] = None,
               batch: Optional[int] = None, warmup: int = 2, repeats: int = 5, device: str = "cpu",
               threads: int = 0, isolate: bool = True, dataset: str = "", plans_name: str = "",
-              timeout: Optional[float] = None, variants: Sequence[str] = ("shipped",), log=print) -> dict:
+              timeout: Optional[float] = None, variants: Sequence[str] = ("shipped",), profile: bool = False,
+              log=print) -> dict:
     """Measure stock nnU-Net and every trainer's network in each variant; returns the results record (see
     ``report.write_outputs``)."""
     import torch
@@ -150,7 +151,7 @@ def run_bench(plans: dict, dataset_json: dict, configuration: str, *, trainers: 
         log(f"[{i}/{len(jobs)}] {label}: measuring ({'fresh process' if isolate else 'in process'}) ...")
         job = {"trainer": trainer, "variant": variant, "plans": plans, "dataset_json": dataset_json,
                "configuration": configuration, "batch": batch, "warmup": warmup, "repeats": repeats,
-               "device": device, "threads": threads}
+               "device": device, "threads": threads, "profile": profile}
         start = time.perf_counter()
         r = _measure_in_subprocess(job, timeout) if isolate else _measure_here(job)
         if r["status"] == "ok":

@@ -121,8 +121,40 @@ def measure_inference(net, n_in: int, patch, timer: Timer, warmup: int, repeats:
     return result
 
 
+# op-name fragments -> category of a profiled step (first match wins; convolutions are split by weight shape)
+OP_CATEGORIES = (("attention", ("scaled_dot_product", "softmax", "bmm")),
+                 ("norms", ("batch_norm", "instance_norm", "group_norm", "layer_norm")),
+                 ("linear", ("aten::mm", "aten::addmm", "aten::linear")),
+                 ("data movement", ("copy_", "cat", "index", "select", "fill_", "contiguous", "pad", "clone")))
+CONV_OPS = ("mkldnn_convolution", "convolution_backward", "thnn_conv", "slow_conv", "conv_depthwise")
+
+
+def _conv_category(name: str, shapes) -> str:
+    # depthwise: a (C, 1, *k) weight, also the forward convs our op writes its backward as
+    weight = shapes[2] if "backward" in name and len(shapes) > 2 else (shapes[1] if len(shapes) > 1 else [])
+    return "depthwise convs" if len(weight) >= 4 and weight[1] == 1 and weight[0] > 1 else "other convs"
+
+
+def profile_step(step) -> dict:
+    """Share of one training step's self CPU time per op category (``OP_CATEGORIES``, depthwise vs other
+    convolutions): what a speed-up of one kind of op can buy at most."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    totals: dict = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        name = event.key
+        if any(op in name for op in CONV_OPS):
+            category = _conv_category(name, event.input_shapes or [])
+        else:
+            category = next((c for c, ops in OP_CATEGORIES if any(op in name for op in ops)), "other")
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total
+    total = sum(totals.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def measure_train_step(net, cm, n_in: int, n_out: int, batch: int, timer: Timer, warmup: int, repeats: int,
-                       channels_last: bool, baseline_rss: float) -> dict:
+                       channels_last: bool, baseline_rss: float, profile: bool = False) -> dict:
     """One step as ``nnUNetTrainer.train_step``: deep supervision on, nnU-Net's Dice+CE loss with its
     deep-supervision weights, backward, clipping at 12, SGD (Nesterov 0.99)."""
     import numpy as np
@@ -167,12 +199,15 @@ def measure_train_step(net, cm, n_in: int, n_out: int, batch: int, timer: Timer,
     times = [timer.time(step) for _ in range(warmup + repeats)][warmup:]
     result = {"train_step_ms": timing_stats(times), "train_memory_mib": timer.memory_mib(baseline_rss)}
     result["train_step_ms_median"] = result["train_step_ms"]["median"]
+    if profile and not timer.cuda:
+        result["train_step_profile"] = profile_step(step)
     return result
 
 
 def measure_network(job: dict) -> dict:
     """Every figure of one network. ``job``: trainer, plans, dataset_json, configuration, batch (None = the
-    plans'), warmup, repeats, device, threads (0 = torch default), variant (``VARIANTS``; default shipped).
+    plans'), warmup, repeats, device, threads (0 = torch default), variant (``VARIANTS``; default shipped),
+    profile (one more step under torch's profiler: the time share per op category, CPU only).
     The variant's environment must already be set (the parent sets it for the measuring process)."""
     import torch
 
@@ -214,7 +249,7 @@ def measure_network(job: dict) -> dict:
     torch.manual_seed(0)
     train_net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, True)
     result.update(measure_train_step(train_net, cm, n_in, n_out, batch, timer, warmup, repeats, channels_last,
-                                     baseline_rss))
+                                     baseline_rss, profile=bool(job.get("profile"))))
     if timer.cuda:
         result["memory_kind"] = "torch.cuda.max_memory_allocated (AMP)"
     else:

@@ -12,7 +12,7 @@ def cmd_bench(args) -> int:
     record = run_bench(plans, dataset_json, args.configuration, trainers=args.trainers, batch=args.batch,
                        warmup=args.warmup, repeats=args.repeats, device=device, threads=args.threads,
                        isolate=not args.in_process, dataset=name, plans_name=args.plans, timeout=args.timeout,
-                       variants=args.variants,
+                       variants=args.variants, profile=args.profile,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = write_outputs(record, args.output)
     print(paths["markdown"].read_text())
@@ -45,5 +45,8 @@ def register(subparsers) -> None:
                         "(NNUNET_LK_DEPTHWISE=torch: the speed before our op); contiguous = our depthwise op on "
                         "contiguous tensors; channels_last = our op, the whole network channels-last. Speed-ups are "
                         "read against torch")
+    p.add_argument("--profile", action="store_true",
+                   help="CPU: profile one more training step and report its time share per kind of op (depthwise "
+                        "convs, other convs, attention, norms, linear, data movement, other)")
     p.add_argument("-o", "--output", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)
