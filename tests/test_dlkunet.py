@@ -88,3 +88,29 @@ def test_unknown_backbone_and_option():
 def test_bad_first_stride():
     with pytest.raises(NetworkConfigError, match="strides\\[0\\]"):
         build_backbone("dlkunet_s", dim=2, input_channels=1, num_classes=2, strides=[[2, 2], [2, 2]])
+
+
+def test_gate_init_identity_changes_only_the_gate_bias_and_starts_near_one():
+    # our named departure (docs/architectures.md §1.10): same parameters and keys, the gate's PW bias + 1
+    nets = {}
+    for init in ("default", "identity"):
+        torch.manual_seed(0)
+        nets[init] = build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=3, width=8, gate_init=init)
+    default, identity = (n.state_dict() for n in nets.values())
+    assert list(default) == list(identity) and count_parameters(nets["identity"]) == count_parameters(nets["default"])
+    gate_biases = {k for k in default if k.endswith("attention.pointwise.bias")}
+    assert len(gate_biases) == 7  # 4 encoder + 3 decoder EBlocks
+    for key, value in default.items():
+        torch.testing.assert_close(identity[key], value + 1 if key in gate_biases else value, rtol=0, atol=0)
+    # what the option is for: the gate passes a block's input on instead of scaling it down ~10x
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(4, 16, 32, 32))
+    ratios = {}
+    for init in ("default", "identity"):
+        torch.manual_seed(2)
+        block = EBlock(nn.Conv2d, 16, 16, gate_init=init).attention
+        with torch.no_grad():
+            ratios[init] = float(block(x).std() / x.std())
+    assert ratios["default"] < 0.5 and 0.7 < ratios["identity"] < 1.5, ratios
+    with pytest.raises(NetworkConfigError, match="gate_init='ones'; choose one of default, identity"):
+        build_backbone("dlkunet_m", dim=2, input_channels=1, num_classes=3, gate_init="ones")

@@ -25,17 +25,30 @@ class DepthwiseSeparableConv(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+# how the gate's last (pointwise) conv starts: "default" = PyTorch's initialisation, as the official code
+# (the gate a then averages ~0 with std ~0.1, so every block scales its input down ~10x at the start);
+# "identity" = its bias at 1, so a ≈ 1 and each block first passes its input on (docs/architectures.md §1.10)
+GATE_INITS = ("default", "identity")
+
+
 class LargeKernelAttention(nn.Module):
     """DW 5, dilated DW 7 (d=3, effective 19), PW, then the Hadamard gate ``x * a``.
-    The official code has no residual, norm or activation here (the paper's residual is not in it)."""
+    The official code has no residual, norm or activation here (the paper's residual is not in it).
+    ``gate_init``: one of ``GATE_INITS`` (same parameters either way)."""
 
-    def __init__(self, conv_op, channels: int, plan_kernel: Sequence[int] | None = None):
+    def __init__(self, conv_op, channels: int, plan_kernel: Sequence[int] | None = None,
+                 gate_init: str = "default"):
         super().__init__()
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init={gate_init!r}; choose one of {', '.join(GATE_INITS)}")
         dim = conv_dim(conv_op)
         self.local = depthwise_conv(conv_op, channels, anisotropic_kernel(5, plan_kernel, dim))
         self.dilated = depthwise_conv(conv_op, channels, anisotropic_kernel(7, plan_kernel, dim),
                                       dilation=anisotropic_dilation(3, plan_kernel, dim))
         self.pointwise = pointwise_conv(conv_op, channels, channels)
+        if gate_init == "identity":
+            with torch.no_grad():
+                self.pointwise.bias.add_(1.0)
 
     def forward(self, x):
         return x * self.pointwise(self.dilated(self.local(x)))
@@ -46,14 +59,14 @@ class EBlock(nn.Module):
     Params with BN: 10·cin + cin·cout + 2·cout² + 93·cout (2D)."""
 
     def __init__(self, conv_op, cin: int, cout: int, norm: str = "batch",
-                 plan_kernel: Sequence[int] | None = None):
+                 plan_kernel: Sequence[int] | None = None, gate_init: str = "default"):
         super().__init__()
         self.conv1 = DepthwiseSeparableConv(conv_op, cin, cout, plan_kernel=plan_kernel)
         self.norm1 = make_norm(norm, conv_op, cout)
         self.conv2 = DepthwiseSeparableConv(conv_op, cout, cout, plan_kernel=plan_kernel)
         self.norm2 = make_norm(norm, conv_op, cout)
         self.act = nn.ReLU(inplace=True)
-        self.attention = LargeKernelAttention(conv_op, cout, plan_kernel=plan_kernel)
+        self.attention = LargeKernelAttention(conv_op, cout, plan_kernel=plan_kernel, gate_init=gate_init)
 
     def forward(self, x):
         x = self.act(self.norm1(self.conv1(x)))
@@ -78,12 +91,12 @@ class DFBUp(nn.Module):
     [skip, up] (skip first), EBlock(2·cout → cout)."""
 
     def __init__(self, conv_op, cin: int, cout: int, stride: Sequence[int], norm: str = "batch",
-                 plan_kernel: Sequence[int] | None = None):
+                 plan_kernel: Sequence[int] | None = None, gate_init: str = "default"):
         super().__init__()
         dim = conv_dim(conv_op)
         stride = as_tuple(stride, dim)
         self.up = conv_transpose_op(conv_op)(cin, cout, kernel_size=stride, stride=stride, bias=True)
-        self.block = EBlock(conv_op, 2 * cout, cout, norm=norm, plan_kernel=plan_kernel)
+        self.block = EBlock(conv_op, 2 * cout, cout, norm=norm, plan_kernel=plan_kernel, gate_init=gate_init)
 
     def forward(self, x, skip):
         x = pad_to_match(self.up(x), skip)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..blocks.dlk import DFBUp, EBlock
+from ..blocks.dlk import GATE_INITS, DFBUp, EBlock
 from ..blocks.ops import as_tuple, conv_dim, max_pool_op
+from ..errors import NetworkConfigError
 from .registry import register_backbone
 from .unet import LKUNet, UNetDecoder, resolve_level_strides
 
@@ -16,10 +17,15 @@ class _DownLevel(nn.Sequential):
 
 def build_dlkunet(conv_op, input_channels: int, num_classes: int, *, strides=None, kernel_sizes=None,
                   patch_size=None, deep_supervision=False, levels: int, width: int = 96, norm: str = "batch",
-                  pad_input: bool = True) -> LKUNet:
+                  pad_input: bool = True, gate_init: str = "default") -> LKUNet:
     """``pad_input=False`` keeps the official behaviour for sizes not divisible by the strides (floor
     pooling + the DFB's pad-to-skip); the default pads to the total stride inside ``forward`` so
-    deep-supervision outputs line up with nnU-Net's targets for any patch."""
+    deep-supervision outputs line up with nnU-Net's targets for any patch. ``gate_init``: how the
+    large-kernel attention's gate starts (``blocks.dlk.GATE_INITS``; "identity" is our departure from the
+    official initialisation, docs/architectures.md §1.10)."""
+    if gate_init not in GATE_INITS:
+        raise NetworkConfigError(f"dlkunet: gate_init={gate_init!r}; choose one of {', '.join(GATE_INITS)} "
+                                 f"(default: the official initialisation)")
     dim = conv_dim(conv_op)
     name = f"dlkunet({levels} levels)"
     level_strides = resolve_level_strides(name, dim, levels, strides, patch_size)
@@ -27,12 +33,14 @@ def build_dlkunet(conv_op, input_channels: int, num_classes: int, *, strides=Non
     plan_kernels = [as_tuple(k, dim) for k in kernel_sizes[:n]] if kernel_sizes is not None else [None] * n
     widths = [width * 2 ** i for i in range(n)]
 
-    encoder = [EBlock(conv_op, input_channels, widths[0], norm=norm, plan_kernel=plan_kernels[0])]
+    encoder = [EBlock(conv_op, input_channels, widths[0], norm=norm, plan_kernel=plan_kernels[0], gate_init=gate_init)]
     for i in range(1, n):
         stride = level_strides[i]
         encoder.append(_DownLevel(max_pool_op(conv_op)(kernel_size=stride, stride=stride),
-                                  EBlock(conv_op, widths[i - 1], widths[i], norm=norm, plan_kernel=plan_kernels[i])))
-    ups = [DFBUp(conv_op, widths[i + 1], widths[i], level_strides[i + 1], norm=norm, plan_kernel=plan_kernels[i])
+                                  EBlock(conv_op, widths[i - 1], widths[i], norm=norm, plan_kernel=plan_kernels[i],
+                                         gate_init=gate_init)))
+    ups = [DFBUp(conv_op, widths[i + 1], widths[i], level_strides[i + 1], norm=norm, plan_kernel=plan_kernels[i],
+                 gate_init=gate_init)
            for i in reversed(range(n - 1))]
     decoder = UNetDecoder(ups, [widths[i] for i in reversed(range(n - 1))], conv_op, num_classes,
                           deep_supervision=deep_supervision)
