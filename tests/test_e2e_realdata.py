@@ -32,15 +32,19 @@ LMNET = Run("hippocampus_2d", "nnUNetTrainerLMNet", 16, 25, 0.35)  # 0.679, 0.68
 MSLKSEG = Run("hippocampus_2d", "nnUNetTrainerMSLKSeg", 16, 25, 0.13)  # C0=16: 0.224, 0.247, 0.259; learns slowest
 LGMSNET_3D = Run("hippocampus_3d", "nnUNetTrainerLGMSNet", 6, 15, 0.26)  # 0.476, 0.511, 0.517
 LGMSNET_KVASIR = Run("kvasir", "nnUNetTrainerLGMSNet", 10, 20, 0.39)  # 0.482, 0.557, 0.562
-# Every backbone family once, every dataset and dimensionality once (Kvasir: RGB natural images, a 6-stage
+# 3d_fullres for every 3D-capable family (lite_3d preset: InstanceNorm, DLKUNet C=32); three runs each, one
+# thread, the fifth session
+DLKUNET_3D = Run("hippocampus_3d", "nnUNetTrainerDLKUNetM", 12, 25, 0.24)  # 0.424, 0.477, 0.531
+MSLKSEG_3D = Run("hippocampus_3d", "nnUNetTrainerMSLKSeg", 6, 15, 0.12)  # 0.187, 0.447, 0.456
+LMNET_3D = Run("hippocampus_3d", "nnUNetTrainerLMNet", 6, 15, 0.24)  # 0.437, 0.561, 0.609
+# Every backbone family once in 2D and once in 3D, every dataset once (Kvasir: RGB natural images, a 6-stage
 # re-planned 128² topology).
-RUNS = [DLKUNET, LMNET, MSLKSEG, LGMSNET_3D, LGMSNET_KVASIR]
+RUNS = [DLKUNET, LMNET, MSLKSEG, LGMSNET_3D, LGMSNET_KVASIR, DLKUNET_3D, MSLKSEG_3D, LMNET_3D]
 # `-m full`: the same checks on more (backbone, dataset) pairs
 FULL_RUNS = [
     Run("kvasir", "nnUNetTrainerMSLKSeg", 8, 20, 0.40),  # 0.570
     Run("kvasir", "nnUNetTrainerLMNet", 8, 20, 0.35),  # 0.522; its pseudo Dice swings most between epochs
     Run("hippocampus_2d", "nnUNetTrainerLGMSNet", 16, 25, 0.35),  # 0.715
-    Run("hippocampus_3d", "nnUNetTrainerDLKUNetM", 6, 15, 0.2),  # still at Dice 0 at this budget: not calibrated
 ]
 
 
