@@ -69,8 +69,8 @@ SEEDS = range(5)  # initial class preference of each shipped network over seeds
 
 def gate_bias_one(net):
     """DLKUNet's gate map a = PW(...) starts at 1 + PW(...) (the pointwise conv's bias + 1), so ``x * a``
-    starts near the identity: what the package's option ``gate_init="identity"`` builds (docs/architectures.md
-    §1.10; it was measured here first, as a counterfactual on the shipped network)."""
+    starts near the identity: what the package's option ``gate_init="identity"`` builds
+    (docs/architectures.md §1.10; it was measured here first, as a counterfactual on the shipped network)."""
     from nnunet_lk.blocks.dlk import LargeKernelAttention
     with torch.no_grad():
         for m in net.modules():
