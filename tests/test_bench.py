@@ -102,8 +102,8 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     for r in (fast, cl):
         assert r["speedup_vs_torch_path"]["train_step_ms_median"] == pytest.approx(
             old["train_step_ms_median"] / r["train_step_ms_median"], rel=1e-3)
-    for r in rows:  # the profiled step: shares per kind of op, summing to 1; LGMSNet has depthwise convs
-        shares = r["train_step_profile"]
+    for r, key in ((r, key) for r in rows for key in ("train_step_profile", "latency_profile")):
+        shares = r[key]  # the profiled step: shares per kind of op, summing to 1; LGMSNet has depthwise convs
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3) and shares["depthwise convs"] > 0
         assert shares["attention"] > 0  # its GMS blocks' scaled-dot-product attention
     checks = bench.report.target_checks(record)
@@ -114,6 +114,7 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     table = bench.markdown_table(record)
     assert "| torch depthwise |" in table and "| ours, channels-last |" in table
     assert f"- {speed['text']}" in table and "Where one training step goes" in table
+    assert "Where one inference forward goes" in table
     with pytest.raises(ValueError, match="--variants nchw"):
         bench.run_bench(plans, hippocampus_dataset_json, "2d", variants=["nchw"])
 

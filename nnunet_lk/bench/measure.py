@@ -84,7 +84,7 @@ def set_layout(net, channels_last):
 
 
 def measure_inference(net, n_in: int, patch, timer: Timer, warmup: int, repeats: int, channels_last: bool,
-                      baseline_rss: float) -> dict:
+                      baseline_rss: float, profile: bool = False) -> dict:
     """Eval mode, batch 1 (nnU-Net's sliding window predicts one patch at a time). Re-parameterisable
     backbones also run their unfused branches, interleaved repeat by repeat with the fused form so that load
     and warm-up hit both alike."""
@@ -115,6 +115,8 @@ def measure_inference(net, n_in: int, patch, timer: Timer, warmup: int, repeats:
             with unfused(net):
                 unfused_out = net(x)
             result["fused_vs_unfused_max_abs_diff"] = float((fused_out.float() - unfused_out.float()).abs().max())
+        if profile and not timer.cuda:
+            result["latency_profile"] = profile_step(lambda: net(x))
     for key, values in times.items():
         result[key] = timing_stats(values)
         result[f"{key}_median"] = result[key]["median"]
@@ -136,7 +138,7 @@ def _conv_category(name: str, shapes) -> str:
 
 
 def profile_step(step) -> dict:
-    """Share of one training step's self CPU time per op category (``OP_CATEGORIES``, depthwise vs other
+    """Share of one step's (a training step's, an inference forward's) self CPU time per op category (``OP_CATEGORIES``, depthwise vs other
     convolutions): what a speed-up of one kind of op can buy at most."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -244,7 +246,8 @@ def measure_network(job: dict) -> dict:
         "depthwise_mode": os.environ.get("NNUNET_LK_DEPTHWISE", "fast"),
         "channels_last": getattr(net, "cpu_channels_last", False) if channels_last is None else channels_last,
     }
-    result.update(measure_inference(net, n_in, patch, timer, warmup, repeats, channels_last, baseline_rss))
+    result.update(measure_inference(net, n_in, patch, timer, warmup, repeats, channels_last, baseline_rss,
+                                    profile=bool(job.get("profile"))))
     del net
     torch.manual_seed(0)
     train_net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, True)

@@ -90,18 +90,19 @@ def markdown_table(record: dict) -> str:
 
 
 def profile_table(record: dict) -> List[str]:
-    rows = [r for r in record["results"] if r["status"] == "ok" and r.get("train_step_profile")]
-    if not rows:
-        return []
-    categories = sorted({c for r in rows for c in r["train_step_profile"]},
-                        key=lambda c: -max(r["train_step_profile"].get(c, 0) for r in rows))
-    lines = ["", "Where one training step goes (share of self CPU time, one profiled step; depthwise = a (C, 1, "
-                 "*k) weight, including the forward convs our op writes its backward as):", "",
-             "| network | trainer | depthwise path | " + " | ".join(categories) + " |",
-             "|---|---|---|" + "---:|" * len(categories)]
-    for r in rows:
-        shares = " | ".join(f"{100 * r['train_step_profile'].get(c, 0):.0f}%" for c in categories)
-        lines.append(f"| {r['backbone']} | {r['trainer']} | {_path(r)} | {shares} |")
+    lines = []
+    for key, what in (("latency_profile", "one inference forward"), ("train_step_profile", "one training step")):
+        rows = [r for r in record["results"] if r["status"] == "ok" and r.get(key)]
+        if not rows:
+            continue
+        categories = sorted({c for r in rows for c in r[key]}, key=lambda c: -max(r[key].get(c, 0) for r in rows))
+        lines += ["", f"Where {what} goes (share of self CPU time, profiled once; depthwise = a (C, 1, *k) weight, "
+                      f"including the forward convs our op writes its backward as):", "",
+                  "| network | trainer | depthwise path | " + " | ".join(categories) + " |",
+                  "|---|---|---|" + "---:|" * len(categories)]
+        for r in rows:
+            shares = " | ".join(f"{100 * r[key].get(c, 0):.0f}%" for c in categories)
+            lines.append(f"| {r['backbone']} | {r['trainer']} | {_path(r)} | {shares} |")
     return lines
 
 
