@@ -138,8 +138,8 @@ def _conv_category(name: str, shapes) -> str:
 
 
 def profile_step(step) -> dict:
-    """Share of one step's (a training step's, an inference forward's) self CPU time per op category (``OP_CATEGORIES``, depthwise vs other
-    convolutions): what a speed-up of one kind of op can buy at most."""
+    """Share of one step's (a training step's, an inference forward's) self CPU time per op category
+    (``OP_CATEGORIES``, depthwise vs other convolutions): what a speed-up of one kind of op can buy at most."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()

@@ -83,7 +83,7 @@ def build_lmnet(conv_op, input_channels: int, num_classes: int, *, strides=None,
                           deep_supervision=deep_supervision)
     # the stride-2 convs round up and the x2 upsamplings then mismatch: pad inside to the total stride
     return LKUNet(encoder, decoder, level_strides, skip_fusion=skips, bottleneck=bottleneck, backbone="lmnet",
-                  cpu_channels_last=True)  # bench --variants: train 2D 1.4x, 3D 1.6x faster; eval 2D 1.3x
+                  cpu_channels_last=True)  # bench --variants: train step 2D 1.2x, 3D 1.6x faster (README)
 
 
 register_backbone(
