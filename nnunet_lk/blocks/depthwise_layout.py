@@ -14,10 +14,17 @@ _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 # ---- layouts ----------------------------------------------------------------------------------------------
+def channels_last_format(dim: int) -> torch.memory_format:
+    """``torch.channels_last`` for 2D maps (NCHW), ``torch.channels_last_3d`` for 3D ones (NCDHW)."""
+    if dim not in _CHANNELS_LAST:
+        raise ValueError(f"only 2D and 3D maps have a channels-last format, got dim={dim}")
+    return _CHANNELS_LAST[dim]
+
+
 def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     """Channels-last with a dense stride on a size-1 batch axis too (oneDNN takes any other stride there for
     a strided layout and runs its slow reference kernel, ~10x slower)."""
-    t = t.contiguous(memory_format=_CHANNELS_LAST[t.dim() - 2])
+    t = t.contiguous(memory_format=channels_last_format(t.dim() - 2))
     if t.shape[0] == 1 and t.stride(0) != t.numel():
         t = t.as_strided(t.shape, (t.numel(), *t.stride()[1:]))
     return t
@@ -26,7 +33,7 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
 def is_channels_last(t: torch.Tensor) -> bool:
     """Stored channels-last and not also plain contiguous (the ambiguous C == 1 or one-voxel case counts as
     contiguous)."""
-    return t.is_contiguous(memory_format=_CHANNELS_LAST[t.dim() - 2]) and not t.is_contiguous()
+    return t.is_contiguous(memory_format=channels_last_format(t.dim() - 2)) and not t.is_contiguous()
 
 
 # ---- shape transforms before the formulations ---------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .depthwise import LKConv2d, LKConv3d
+from .depthwise_layout import channels_last_format
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -21,7 +22,6 @@ _ADAPTIVE_AVG_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _CONV = {2: LKConv2d, 3: LKConv3d}  # grouped convs through nnunet_lk.blocks.depthwise.grouped_conv
-_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 NORM_KINDS = ("batch", "instance")
 
@@ -40,13 +40,6 @@ def conv_for_dim(dim: int) -> Type[nn.Module]:
     if dim not in _CONV:
         raise ValueError(f"only 2D and 3D networks are supported, got dim={dim}")
     return _CONV[dim]
-
-
-def channels_last_format(dim: int) -> torch.memory_format:
-    """``torch.channels_last`` for 2D maps (NCHW), ``torch.channels_last_3d`` for 3D ones (NCDHW)."""
-    if dim not in _CHANNELS_LAST:
-        raise ValueError(f"only 2D and 3D maps have a channels-last format, got dim={dim}")
-    return _CHANNELS_LAST[dim]
 
 
 def set_conv_weight_layout(module: nn.Module, channels_last: bool) -> None:

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks.ops import as_tuple, channels_last_format, set_conv_weight_layout
+from ..blocks.depthwise_layout import to_channels_last
+from ..blocks.ops import as_tuple, set_conv_weight_layout
 from ..errors import NetworkConfigError
 
 
@@ -173,7 +174,7 @@ class LKUNet(nn.Module):
         if weights != self._weights_channels_last:
             set_conv_weight_layout(self, weights)
             self._weights_channels_last = weights
-        return x.contiguous(memory_format=channels_last_format(x.dim() - 2)) if wanted else x
+        return to_channels_last(x) if wanted else x
 
     @staticmethod
     def _crop(x: torch.Tensor, size, scale) -> torch.Tensor:
