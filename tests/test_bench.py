@@ -108,8 +108,9 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
         assert shares["attention"] > 0  # its GMS blocks' scaled-dot-product attention
     checks = bench.report.target_checks(record)
     speed, latency = checks  # 2D: the training speed-up target (2x) and LGMSNet's latency vs stock
-    best = min(fast["train_step_ms_median"], cl["train_step_ms_median"])
-    assert speed["value"] == pytest.approx(old["train_step_ms_median"] / best, rel=1e-3)
+    # read in the layout LGMSNet ships with in 2D (channels-last), whichever variant happened to be faster
+    assert cl["shipped_channels_last"] and fast["shipped_channels_last"]
+    assert speed["value"] == pytest.approx(old["train_step_ms_median"] / cl["train_step_ms_median"], rel=1e-3)
     assert speed["met"] == (speed["value"] >= 2.0) and latency["met"] == (latency["value"] <= 1.0)
     table = bench.markdown_table(record)
     assert "| torch depthwise |" in table and "| ours, channels-last |" in table

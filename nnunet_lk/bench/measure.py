@@ -245,6 +245,7 @@ def measure_network(job: dict) -> dict:
         "reparam_modules": sum(isinstance(m, ReparamDepthwise) for m in net.modules()),
         "depthwise_mode": os.environ.get("NNUNET_LK_DEPTHWISE", "fast"),
         "channels_last": getattr(net, "cpu_channels_last", False) if channels_last is None else channels_last,
+        "shipped_channels_last": getattr(net, "cpu_channels_last", False),  # the layout targets are read in
     }
     result.update(measure_inference(net, n_in, patch, timer, warmup, repeats, channels_last, baseline_rss,
                                     profile=bool(job.get("profile"))))
