@@ -59,11 +59,13 @@ def upsample_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode=linear_interpolation_mode(x.dim() - 2), align_corners=True)
 
 
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) -> (B, *S, C): channels as the last axis for LayerNorm/Linear (a view, not a memory format)."""
     return x.movedim(1, -1)
 
 
-def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+def from_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, *S, C) -> (B, C, *S), contiguous."""
     return x.movedim(-1, 1).contiguous()
 
 
@@ -247,9 +249,9 @@ class LocalFeatureTransformer(nn.Module):
         self.mlp = TransformerMlp(channels, 2 * channels)
 
     def forward(self, x):
-        e = to_channels_last(self.embed(x))
+        e = to_tokens(self.embed(x))
         a = e + self.attention(self.norm1(e))
-        return to_channels_first(a + self.mlp(self.norm2(a)))
+        return from_tokens(a + self.mlp(self.norm2(a)))
 
 
 class GlobalSelfAttention(nn.Module):
