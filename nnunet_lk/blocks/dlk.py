@@ -25,10 +25,12 @@ class DepthwiseSeparableConv(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-# how the gate's last (pointwise) conv starts: "default" = PyTorch's initialisation, as the official code
+# how the gate's last (pointwise) conv starts: "official" = PyTorch's initialisation, as the official code
 # (the gate a then averages ~0 with std ~0.1, so every block scales its input down ~10x at the start);
-# "identity" = its bias at 1, so a ≈ 1 and each block first passes its input on (docs/architectures.md §1.10)
-GATE_INITS = ("default", "identity")
+# "identity" = its bias + 1, so a ≈ 1 and each block first passes its input on. "identity" is the default: it
+# won issue 15's same-budget comparison (docs/architectures.md §1.10)
+GATE_INITS = ("identity", "official")
+DEFAULT_GATE_INIT = "identity"
 
 
 class LargeKernelAttention(nn.Module):
@@ -37,7 +39,7 @@ class LargeKernelAttention(nn.Module):
     ``gate_init``: one of ``GATE_INITS`` (same parameters either way)."""
 
     def __init__(self, conv_op, channels: int, plan_kernel: Sequence[int] | None = None,
-                 gate_init: str = "default"):
+                 gate_init: str = DEFAULT_GATE_INIT):
         super().__init__()
         if gate_init not in GATE_INITS:
             raise ValueError(f"gate_init={gate_init!r}; choose one of {', '.join(GATE_INITS)}")
@@ -59,7 +61,7 @@ class EBlock(nn.Module):
     Params with BN: 10·cin + cin·cout + 2·cout² + 93·cout (2D)."""
 
     def __init__(self, conv_op, cin: int, cout: int, norm: str = "batch",
-                 plan_kernel: Sequence[int] | None = None, gate_init: str = "default"):
+                 plan_kernel: Sequence[int] | None = None, gate_init: str = DEFAULT_GATE_INIT):
         super().__init__()
         self.conv1 = DepthwiseSeparableConv(conv_op, cin, cout, plan_kernel=plan_kernel)
         self.norm1 = make_norm(norm, conv_op, cout)
@@ -91,7 +93,7 @@ class DFBUp(nn.Module):
     [skip, up] (skip first), EBlock(2·cout → cout)."""
 
     def __init__(self, conv_op, cin: int, cout: int, stride: Sequence[int], norm: str = "batch",
-                 plan_kernel: Sequence[int] | None = None, gate_init: str = "default"):
+                 plan_kernel: Sequence[int] | None = None, gate_init: str = DEFAULT_GATE_INIT):
         super().__init__()
         dim = conv_dim(conv_op)
         stride = as_tuple(stride, dim)
