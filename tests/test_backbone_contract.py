@@ -184,14 +184,41 @@ def test_fused_equals_unfused(name, dim):
     assert list(net.state_dict()) == keys  # the fused kernels never reach the state dict
 
 
+@pytest.mark.parametrize("name,dim", CASES)
+@pytest.mark.parametrize("style", ["stages", "blocks"])
+def test_activation_checkpointing_computes_the_same_network(name, dim, style):
+    # same weights, state-dict keys, training outputs, gradients and BatchNorm statistics after a step; the
+    # checkpointed modules keep only their inputs, so the step's estimated peak memory is lower
+    from nnunet_lk.memory.estimate import estimate_training
+    plain = _net(name, dim, deep_supervision=True).double().train()
+    checkpointed = _net(name, dim, deep_supervision=True, checkpoint_style=style).double().train()
+    assert checkpointed.checkpoint_style == style and plain.checkpoint_style == "off"
+    checkpointed.load_state_dict(plain.state_dict(), strict=True)
+    out, x_grad, grads = _loss_and_gradients(plain, _input(dim).double())
+    out_c, x_grad_c, grads_c = _loss_and_gradients(checkpointed, _input(dim).double())
+    for a, b in zip(out, out_c):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-9, atol=1e-12)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_c[n], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    for (n, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{n}: {m}")  # BN statistics advanced once
+    with torch.no_grad():  # evaluation runs the plain forward
+        torch.testing.assert_close(checkpointed.eval()(_input(dim).double())[0], plain.eval()(_input(dim).double())[0])
+    estimates = {s: estimate_training(lambda ds, s=s: _net(name, dim, deep_supervision=ds, checkpoint_style=s), 2, 3,
+                                      PLANS[dim]["patch_size"], 4).total for s in ("off", style)}
+    assert estimates[style] < estimates["off"]
+
+
 def test_options_have_one_source_the_builders_signature():
     import inspect
 
-    from nnunet_lk.networks.registry import builder_options, register_backbone
+    from nnunet_lk.networks.registry import SKELETON_OPTIONS, builder_options, register_backbone
     for name in list_backbones():
         spec = get_backbone(name)
         signature = {k: v for k, v in builder_options(spec.builder).items() if v is not inspect.Parameter.empty}
-        assert spec.config == {**signature, **spec.size}  # defaults come from the signature alone
+        # defaults come from the signature alone, and the skeleton's options every backbone shares
+        assert spec.config == {**signature, **SKELETON_OPTIONS, **spec.size}
         assert all(signature.get(k) != v for k, v in spec.size.items())  # a size stores only what it changes
     assert {n: get_backbone(n).size for n in ("dlkunet_s", "dlkunet_m", "dlkunet_l")} == \
         {"dlkunet_s": {"levels": 3}, "dlkunet_m": {"levels": 4}, "dlkunet_l": {"levels": 5}}

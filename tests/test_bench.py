@@ -80,7 +80,7 @@ def test_bench_lists_unbuildable_backbone_as_skipped(monkeypatch, hippocampus_pl
     table = bench.markdown_table(record)
     assert "- nnUNetTrainerLMNet (as shipped): skipped: lmnet is a 2D network" in table
     with pytest.raises(ValueError, match="repeats"):
-        bench.run_bench(plans, hippocampus_dataset_json, "3d_fullres", repeats=0)
+        bench.run_bench(plans, hippocampus_dataset_json, "3d_fullres", repeats=-1)
 
 
 def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampus_plans, hippocampus_dataset_json):

@@ -34,7 +34,8 @@ from .report import fmt_count, markdown_table, write_outputs  # noqa: E402,F401 
 # figures compared (smaller is better for all): ratio = value / stock's; speed-up = torch path's / value
 SPEEDUP_KEYS = ("latency_ms_median", "latency_unfused_ms_median", "train_step_ms_median")
 RATIO_KEYS = ("params", "params_without_ds_heads", "macs", "latency_ms_median", "latency_unfused_ms_median",
-              "train_step_ms_median", "inference_memory_mib", "train_memory_mib")
+              "train_step_ms_median", "inference_memory_mib", "train_memory_mib", "train_peak_mib",
+              "inference_peak_mib", "train_estimate_mib", "inference_estimate_mib")
 
 
 # ---- trainers and plans ---------------------------------------------------------------------------------
@@ -128,8 +129,9 @@ def run_bench(plans: dict, dataset_json: dict, configuration: str, *, trainers: 
     import torch
     import nnunetv2
 
-    if repeats < 1 or warmup < 0:
-        raise UsageError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats}, {warmup})")
+    if repeats < 0 or warmup < 0:
+        raise UsageError(f"--repeats and --warmup must be >= 0 (got {repeats}, {warmup}); --repeats 0 measures "
+                         f"memory only")
     if batch is not None and batch < 1:
         raise UsageError(f"--batch must be >= 1, got {batch}")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -155,8 +157,10 @@ def run_bench(plans: dict, dataset_json: dict, configuration: str, *, trainers: 
         start = time.perf_counter()
         r = _measure_in_subprocess(job, timeout) if isolate else _measure_here(job)
         if r["status"] == "ok":
-            log(f"    {fmt_count(r['params'])} params, {r['macs'] / 1e9:.3f} GMACs, latency "
-                f"{r['latency_ms_median']:.2f} ms, train step {r['train_step_ms_median']:.1f} ms "
+            timing = (f"latency {r['latency_ms_median']:.2f} ms, train step {r['train_step_ms_median']:.1f} ms, "
+                      if "train_step_ms_median" in r else "")
+            log(f"    {fmt_count(r['params'])} params, {r['macs'] / 1e9:.3f} GMACs, {timing}train peak "
+                f"{r['train_peak_mib']:.0f} MiB (estimate {r['train_estimate_mib']:.0f}) "
                 f"({time.perf_counter() - start:.0f} s)")
         else:
             log(f"    {r['status']}: {r['reason'].splitlines()[-1] if r['reason'] else ''}")
@@ -189,7 +193,8 @@ def add_ratios(results: List[dict]) -> None:
                     r["latency_unfused_ms_median"] / stock["latency_ms_median"], 4)
         old = torch_rows.get(r["trainer"])
         if old is not None:
-            r["speedup_vs_torch_path"] = {k: round(old[k] / r[k], 4) for k in SPEEDUP_KEYS if r.get(k)}
+            r["speedup_vs_torch_path"] = {k: round(old[k] / r[k], 4) for k in SPEEDUP_KEYS
+                                            if r.get(k) and old.get(k)}
 
 
 def _variant_environment(variant: str) -> Dict[str, str]:

@@ -103,6 +103,11 @@ def measure_inference(net, n_in: int, patch, timer: Timer, warmup: int, repeats:
     with torch.inference_mode(), timer.autocast():
         net(x)  # the inference form alone first: its memory is what is reported
     result["inference_memory_mib"] = timer.memory_mib(baseline_rss)
+
+    def forward():
+        with torch.inference_mode(), timer.autocast():
+            net(x)
+    result["inference_peak_mib"] = peak_of(forward, timer, net, inputs=[x])
     with torch.inference_mode(), timer.autocast():
         for i in range(warmup + repeats):
             for key, form in forms.items():
@@ -118,6 +123,8 @@ def measure_inference(net, n_in: int, patch, timer: Timer, warmup: int, repeats:
         if profile and not timer.cuda:
             result["latency_profile"] = profile_step(lambda: net(x))
     for key, values in times.items():
+        if not values:
+            continue
         result[key] = timing_stats(values)
         result[f"{key}_median"] = result[key]["median"]
     return result
@@ -157,53 +164,41 @@ def profile_step(step) -> dict:
 
 def measure_train_step(net, cm, n_in: int, n_out: int, batch: int, timer: Timer, warmup: int, repeats: int,
                        channels_last: bool, baseline_rss: float, profile: bool = False) -> dict:
-    """One step as ``nnUNetTrainer.train_step``: deep supervision on, nnU-Net's Dice+CE loss with its
-    deep-supervision weights, backward, clipping at 12, SGD (Nesterov 0.99)."""
-    import numpy as np
-    import torch
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    """One step as ``nnUNetTrainer.train_step`` (``memory.step``): deep supervision on, nnU-Net's Dice+CE loss
+    with its deep-supervision weights, backward, clipping at 12, SGD (Nesterov 0.99); then its peak memory."""
+    from ..memory.step import make_train_step
 
-    patch = list(cm.patch_size)
     net = set_layout(net.to(timer.device).train(), channels_last)
-    optimizer = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
-    scaler = torch.amp.GradScaler("cuda") if timer.cuda else None
-    loss_fn = DC_and_CE_loss({"batch_dice": cm.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                             weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    data = torch.randn(batch, n_in, *patch, device=timer.device)
-    with torch.no_grad(), timer.autocast():
-        shapes = [o.shape[2:] for o in as_list(net(data[:1]))]
-    # targets at every output resolution (nnU-Net downsamples the label to the deep-supervision scales)
-    targets = [torch.randint(0, n_out, (batch, 1, *s), device=timer.device).float() for s in shapes]
-    weights = np.array([1 / 2 ** i for i in range(len(shapes))])
-    if len(shapes) > 1:
-        weights[-1] = 0
-    loss_fn = DeepSupervisionWrapper(loss_fn, weights / weights.sum()) if len(shapes) > 1 else loss_fn
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with timer.autocast():
-            out = as_list(net(data))
-            loss = loss_fn(out, targets) if len(shapes) > 1 else loss_fn(out[0], targets[0])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            optimizer.step()
-
+    step = make_train_step(net, n_in, n_out, list(cm.patch_size), batch, batch_dice=bool(cm.batch_dice),
+                           device=timer.device, cuda_amp=timer.cuda, autocast=timer.autocast)
     timer.reset_memory()
-    times = [timer.time(step) for _ in range(warmup + repeats)][warmup:]
-    result = {"train_step_ms": timing_stats(times), "train_memory_mib": timer.memory_mib(baseline_rss)}
-    result["train_step_ms_median"] = result["train_step_ms"]["median"]
+    times = [timer.time(step.run) for _ in range(max(warmup, 1) + repeats)][max(warmup, 1):]
+    result = {"train_memory_mib": timer.memory_mib(baseline_rss)}
+    if times:
+        result["train_step_ms"] = timing_stats(times)
+        result["train_step_ms_median"] = result["train_step_ms"]["median"]
+    result["train_peak_mib"] = peak_of(step.run, timer, net, step.optimizer, step.inputs)
     if profile and not timer.cuda:
-        result["train_step_profile"] = profile_step(step)
+        result["train_step_profile"] = profile_step(step.run)
     return result
+
+
+def peak_of(run, timer: Timer, net, optimizer=None, inputs=()) -> float:
+    """Peak tensor memory of ``run`` in MiB: on CUDA the allocator's maximum (everything allocated); on a CPU
+    what stays allocated between steps (weights, optimiser state, inputs) plus the peak that torch's memory
+    profiler records while it runs: the quantity ``memory.estimate`` estimates."""
+    from ..memory.tracker import MiB, module_state_bytes, profiled_peak, storage_bytes
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    if timer.cuda:
+        import torch
+        timer.sync()
+        torch.cuda.reset_peak_memory_stats(timer.device)
+        run()
+        timer.sync()
+        return round(torch.cuda.max_memory_allocated(timer.device) / MiB, 1)
+    persistent = module_state_bytes(net, optimizer) + storage_bytes(inputs)
+    return round((persistent + profiled_peak(run)) / MiB, 1)
 
 
 def measure_network(job: dict) -> dict:
@@ -254,12 +249,28 @@ def measure_network(job: dict) -> dict:
     train_net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, True)
     result.update(measure_train_step(train_net, cm, n_in, n_out, batch, timer, warmup, repeats, channels_last,
                                      baseline_rss, profile=bool(job.get("profile"))))
+    result.update(estimate_figures(trainer, pm, cm, n_in, n_out, batch, result, amp=timer.cuda))
     if timer.cuda:
         result["memory_kind"] = "torch.cuda.max_memory_allocated (AMP)"
     else:
         result.update(peak_rss_mib=round(peak_rss_mib(), 1), baseline_rss_mib=round(baseline_rss, 1),
                       memory_kind="peak RSS above the process's RSS before the network was built")
     return result
+
+
+def estimate_figures(trainer: str, pm, cm, n_in: int, n_out: int, batch: int, measured: dict, amp: bool) -> dict:
+    """The shape-only estimates (``memory.estimate``) beside the measured peaks, and their relative error."""
+    from . import resolve_trainer
+    from ..memory.estimate import estimate_inference, estimate_training, trainer_builder
+    build = trainer_builder(resolve_trainer(trainer), pm, cm, n_in, n_out)
+    patch = list(cm.patch_size)
+    train = estimate_training(build, n_in, n_out, patch, batch, batch_dice=bool(cm.batch_dice), amp=amp)
+    infer = estimate_inference(build, n_in, patch, amp=amp)
+    figures = {"train_estimate_mib": round(train.total_mib, 1), "inference_estimate_mib": round(infer.total_mib, 1)}
+    for kind in ("train", "inference"):
+        if measured.get(f"{kind}_peak_mib"):
+            figures[f"{kind}_estimate_error"] = round(figures[f"{kind}_estimate_mib"] / measured[f"{kind}_peak_mib"] - 1, 4)
+    return figures
 
 
 def _worker() -> int:

@@ -50,7 +50,17 @@ def row(r: dict) -> str:
             f"{_timing(r, 'train_step_ms')}{_ratio(r, 'train_step_ms_median')} | "
             f"{_speedup(r, 'latency_ms_median')} | {_speedup(r, 'train_step_ms_median')} | "
             f"{r['inference_memory_mib']:.0f}{_ratio(r, 'inference_memory_mib')} | "
-            f"{r['train_memory_mib']:.0f}{_ratio(r, 'train_memory_mib')} |")
+            f"{r['train_memory_mib']:.0f}{_ratio(r, 'train_memory_mib')} | "
+            f"{_peak(r, 'inference')} | {_peak(r, 'train')} |")
+
+
+def _peak(r: dict, kind: str) -> str:
+    """Measured peak tensor memory (× stock), and the shape-only estimate with its error."""
+    if f"{kind}_peak_mib" not in r:
+        return "–"
+    error = r.get(f"{kind}_estimate_error")
+    estimate = (f"; est. {r[f'{kind}_estimate_mib']:.0f} ({100 * error:+.0f}%)" if error is not None else "")
+    return f"{r[f'{kind}_peak_mib']:.0f}{_ratio(r, f'{kind}_peak_mib')}{estimate}"
 
 
 def markdown_table(record: dict) -> str:
@@ -66,11 +76,16 @@ def markdown_table(record: dict) -> str:
         f"{record['repeats']} repeats: median [quartiles] in ms. Each network measured in "
         f"{'its own fresh process' if record['isolated_processes'] else 'one shared process'}, a backbone's "
         f"variants one after the other. (×) = ratio to stock nnU-Net (lower is smaller/faster); speed-up = "
-        f"time with torch's depthwise path / time of this row.",
+        f"time with torch's depthwise path / time of this row. Peak MiB: tensor memory of one inference forward / "
+        f"one training step (weights, optimiser state and inputs included; "
+        f"{'torch.cuda.max_memory_allocated' if record['device'].startswith('cuda') else 'torch.profiler memory events'}"
+        f"), beside the shape-only estimate (`nnunet_lk.memory.estimate`, torch's own convolutions"
+        f"{', AMP dtypes' if record['amp'] else ''}) and its error.",
         "",
         f"| network | trainer | depthwise path | params | MACs/patch | latency ms | unfused latency ms | "
-        f"train step ms | latency speed-up | train speed-up | inference {mem} | train {mem} |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"train step ms | latency speed-up | train speed-up | inference {mem} | train {mem} | "
+        f"inference peak MiB | train step peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [row(r) for r in record["results"] if r["status"] == "ok"]
     if any(r.get("reparam_modules") for r in record["results"]):

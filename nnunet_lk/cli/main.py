@@ -88,6 +88,13 @@ def cmd_plans(args) -> int:
         for name in list_presets():
             print(f"{name:24s} {load_preset(name).get('description', '')}")
         return 0
+    if args.gpu_memory is not None and args.backbone is None:
+        raise UsageError("--gpu-memory plans for one backbone: add --backbone NAME (`nnunet-lk list`; "
+                         "nnUNetTrainer for stock nnU-Net)")
+    if args.backbone is not None and (args.patch or args.batch):
+        raise UsageError("--backbone re-plans patch and batch itself; leave out --patch and --batch")
+    if args.backbone is not None and args.name is None and args.dataset is not None:
+        args.name = f"{args.source}_{args.backbone}" + (f"_{args.gpu_memory:g}GB" if args.gpu_memory else "")
     if args.dataset is None or args.configuration is None or args.name is None:
         raise UsageError("nnunet-lk plans needs -d DATASET -c CONFIGURATION --name NEW_PLANS_NAME")
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -115,6 +122,9 @@ def cmd_plans(args) -> int:
         options.setdefault(backbone, {})[option] = value
     derived = derive_plans(plans, args.configuration, args.name, patch_size=args.patch, batch_size=args.batch,
                            backbone_opts=options, preset=load_preset(args.preset) if args.preset else None)
+    memory_note = ""
+    if args.backbone is not None:
+        derived, memory_note = _plan_for_memory(args, derived, folder)
     tmp = target + ".tmp"
     with open(tmp, "w") as f:
         json.dump(derived, f, indent=2)
@@ -122,8 +132,34 @@ def cmd_plans(args) -> int:
     cfg = derived["configurations"][args.configuration]
     print(f"wrote {target}\n  {args.configuration}: patch {cfg['patch_size']}, batch {cfg['batch_size']}"
           + (f", options {cfg['nnunet_lk']}" if "nnunet_lk" in cfg else "")
-          + f"\n  train with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr TRAINER -p {args.name}")
+          + memory_note
+          + f"\n  train with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr "
+            f"{getattr(args, 'trainer_name', None) or 'TRAINER'} -p {args.name}")
     return 0
+
+
+def _plan_for_memory(args, plans: dict, folder: str):
+    """Patch and batch re-planned so that the backbone's training estimate fits the target (memory.planner)."""
+    from ..memory.planner import plan_for_memory
+    from ..memory.tracker import MiB
+    trainer = _trainer_for(args.backbone)
+    args.trainer_name = trainer.__name__
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    print(f"re-planning {args.configuration} for {trainer.__name__} ...", file=sys.stderr)
+    plan = plan_for_memory(trainer, plans, dataset_json, args.configuration, args.name, gpu_memory_gb=args.gpu_memory,
+                           log=lambda m: print(m, file=sys.stderr))
+    note = (f"\n  memory: estimate {plan.estimate.total / MiB:.0f} MiB for {trainer.__name__} (AMP), target "
+            f"{plan.target_bytes / MiB:.0f} MiB: {plan.target_source}; was patch {plan.original_patch}, batch "
+            f"{plan.original_batch}")
+    return plan.plans, note
+
+
+def _trainer_for(name: str):
+    """A backbone name's plain trainer, or a trainer named directly (nnUNetTrainer: stock nnU-Net)."""
+    from ..bench import default_trainers, resolve_trainer
+    by_backbone = {resolve_trainer(t).backbone: t for t in default_trainers()}
+    return resolve_trainer(by_backbone.get(name, name))
 
 
 def _parse_option(item: str):
@@ -210,6 +246,11 @@ def _register_plans(sub) -> None:
     p.add_argument("--batch", type=int, help="new batch size")
     p.add_argument("--preset", help="a preset name from `--list-presets` or a JSON file")
     p.add_argument("--option", action="append", help="backbone option BACKBONE.KEY=VALUE, e.g. dlkunet_m.width=32")
+    p.add_argument("--backbone", help="re-plan patch and batch so that this backbone's (or trainer's) training "
+                                      "fits the GPU memory the plans were made for, or --gpu-memory")
+    p.add_argument("--gpu-memory", "-gpu_memory_target", dest="gpu_memory", type=float, metavar="GB",
+                   help="with --backbone: the GPU memory to plan for in GB (nnU-Net's -gpu_memory_target; default: "
+                        "what stock nnU-Net's network uses at the source plans)")
     p.add_argument("--force", action="store_true", help="replace an existing derived plans file")
     p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     p.set_defaults(func=cmd_plans)

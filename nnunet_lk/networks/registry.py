@@ -19,11 +19,15 @@ import torch.nn as nn
 
 from ..blocks.depthwise import lk_conv_op
 from ..blocks.ops import conv_for_dim, conv_dim
+from .checkpointing import apply_checkpointing
 from .unet import NetworkConfigError
 
 
 # the plans' arguments every builder takes; everything else keyword-only is a backbone option
 PLANS_ARGUMENTS = ("strides", "kernel_sizes", "patch_size", "deep_supervision")
+# options every backbone has, applied to the built U skeleton rather than by the builder
+# (``checkpointing.CHECKPOINT_STYLES``: activation checkpointing trades one more forward for memory)
+SKELETON_OPTIONS = {"checkpoint_style": "off"}
 
 
 def builder_options(builder: Callable[..., nn.Module]) -> Dict[str, object]:
@@ -43,8 +47,11 @@ class BackboneSpec:
 
     @property
     def config(self) -> Dict[str, object]:
-        """Every option with its default for this name: the builder's defaults, then the size's."""
-        return {**builder_options(self.builder), **self.size}
+        """Every option with its default for this name: the builder's defaults, the skeleton's, then the size's."""
+        return {**builder_options(self.builder), **SKELETON_OPTIONS, **self.size}
+
+    def supports(self, dim: int) -> bool:
+        return dim in self.dims
 
 
 _REGISTRY: Dict[str, BackboneSpec] = {}
@@ -54,7 +61,7 @@ def register_backbone(name: str, builder: Callable[..., nn.Module], *, dims=(2, 
                       description: str = "", **size) -> BackboneSpec:
     if name in _REGISTRY:
         raise ValueError(f"backbone {name!r} is already registered")
-    options = builder_options(builder)
+    options = {**builder_options(builder), **SKELETON_OPTIONS}
     unknown = sorted(set(size) - set(options))
     if unknown:
         raise ValueError(f"{name}: {builder.__name__} has no option(s) {unknown}")
@@ -109,5 +116,7 @@ def build_backbone(name: str, *, input_channels: int, num_classes: int, dim: Opt
             f"configuration; train it on a {'2d' if 2 in spec.dims else '3d_fullres'} configuration instead.")
     check_options(name, overrides)
     config = {**spec.config, **overrides}
-    return spec.builder(conv_op, input_channels, num_classes, strides=strides, kernel_sizes=kernel_sizes,
-                        patch_size=patch_size, deep_supervision=deep_supervision, **config)
+    skeleton = {k: config.pop(k) for k in SKELETON_OPTIONS}
+    net = spec.builder(conv_op, input_channels, num_classes, strides=strides, kernel_sizes=kernel_sizes,
+                       patch_size=patch_size, deep_supervision=deep_supervision, **config)
+    return apply_checkpointing(net, skeleton["checkpoint_style"])

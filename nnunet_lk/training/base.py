@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -140,6 +141,21 @@ class nnUNetTrainerLK(nnUNetTrainer):
                 setattr(self, attribute, value)
         self._budget_from_env = {a for a, env in BUDGET_ENV.items() if _env_int(env) is not None}
         apply_thread_budget()
+
+    def on_train_start(self):
+        if self.device.type == "cuda" and self.local_rank == 0:
+            self._warn_if_memory_short()
+        super().on_train_start()
+
+    def _warn_if_memory_short(self) -> None:
+        """Before anything is allocated: the estimate against the GPU's free memory, and plans that fit."""
+        from ..memory.planner import memory_warning
+        free, _total = torch.cuda.mem_get_info(self.device)
+        message = memory_warning(type(self), self.plans_manager.plans, self.dataset_json, self.configuration_name,
+                                 free, dataset=self.plans_manager.dataset_name, plans_name=self.plans_manager.plans_name)
+        if message:
+            self.print_to_log_file(message)
+            print(message, file=sys.stderr, flush=True)
 
     # ---- network ---------------------------------------------------------------------------------
     @classmethod
