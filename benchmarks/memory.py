@@ -8,7 +8,8 @@ own ExperimentPlanner writes for a large synthetic CT-like dataset (fingerprint 
 
 For each network: the estimate in float32 and at CUDA's AMP dtypes, and (where the float32 estimate is under
 --max-measure-gib, this CPU's memory) the measured CPU peak of one real step: weights, optimiser state and inputs
-plus torch.profiler's memory-event peak, on torch's own convolutions (the path CUDA runs and the estimate models).
+plus torch.profiler's memory-event peak, contiguous tensors with our CPU depthwise op (torch's own depthwise path,
+which the estimate models, needs minutes per 3D step here; tests/test_memory.py checks the estimate against it).
 Ratios are to stock nnU-Net's figure of the same kind. Writes benchmarks/results/memory.{json,md}.
 
     .venv/bin/python benchmarks/memory.py --acdc-plans /path/to/preprocessed/Dataset027_ACDC/nnUNetPlans.json
@@ -131,11 +132,7 @@ def measure_configuration(label: str, plans: dict, dataset_json: dict, configura
                    "train_estimate_mib": round(fp32.total_mib, 1), "train_estimate_amp_mib": round(amp.total_mib, 1),
                    "inference_estimate_mib": round(infer.total_mib, 1), "estimate_seconds": round(seconds, 2)}
             if fp32.total_mib < max_measure_gib * 1024:
-                os.environ["NNUNET_LK_DEPTHWISE"] = "torch"
-                try:
-                    row.update(measured_peak(trainer, styled, dataset_json, configuration))
-                finally:
-                    os.environ.pop("NNUNET_LK_DEPTHWISE", None)
+                row.update(measured_peak(trainer, styled, dataset_json, configuration))
                 for kind in ("train", "inference"):
                     row[f"{kind}_estimate_error"] = round(row[f"{kind}_estimate_mib"] / row[f"{kind}_measured_mib"] - 1, 4)
             if style == "off" and backbone:
@@ -158,7 +155,7 @@ def markdown(record: dict) -> str:
              f"CPU ({record['cpu']}), torch {record['torch']}. One training step (forward with deep supervision, "
              "nnU-Net's loss, backward, clipping, SGD step): weights, optimiser state and inputs plus the step's peak. "
              "Estimate: shape-only, on the meta device (`nnunet_lk.memory.estimate`); measured: torch.profiler memory "
-             "events of a real CPU step on torch's own convolutions (the path CUDA runs), float32. AMP: the estimate "
+             "events of a real CPU step (contiguous tensors, our CPU depthwise op), float32. AMP: the estimate "
              "at CUDA autocast's dtypes (what the planner uses; not measurable without a GPU). (×) = ratio to stock "
              "nnU-Net's figure of the same kind; `stages` = `checkpoint_style=stages`.", ""]
     for c in record["configurations"]:

@@ -332,6 +332,22 @@ def test_compile_failure_falls_back_to_eager(hippocampus_plans, hippocampus_data
     assert "training continues without compilation" in _log(trainer)
 
 
+def test_activation_checkpointing_trains_eagerly_and_says_so(hippocampus_plans, hippocampus_dataset_json,
+                                                             nnunet_dirs, monkeypatch):
+    # the option from the plans reaches the network; nnU-Net's default compilation is skipped with a log line
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch._dynamo import OptimizedModule
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)  # nnU-Net's choice on CUDA
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8, "checkpoint_style": "stages"}}
+    trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
+                            nnunet_dirs)
+    trainer.initialize()
+    assert not isinstance(trainer.network, OptimizedModule) and trainer.network.checkpoint_style == "stages"
+    assert "checkpoint_style=stages: torch.compile is not used" in _log(trainer)
+    trainer.on_train_epoch_start()
+    assert np.isfinite(trainer.train_step(_random_batch())["loss"])
+
+
 def test_checkpoint_keys_are_nnunets_own_plus_ours(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
                                                    monkeypatch, tmp_path):
     """Our save_checkpoint rewrites nnU-Net's: an nnU-Net release that adds a key must fail here, not have

@@ -142,6 +142,15 @@ class nnUNetTrainerLK(nnUNetTrainer):
         self._budget_from_env = {a for a, env in BUDGET_ENV.items() if _env_int(env) is not None}
         apply_thread_budget()
 
+    def _do_i_compile(self) -> bool:
+        style = backbone_options(self.configuration_manager, self.backbone).get("checkpoint_style", "off")
+        if style != "off" and super()._do_i_compile():
+            # dynamo cannot trace a checkpoint whose recomputation restores BatchNorm statistics
+            self.print_to_log_file(f"{self.backbone}: checkpoint_style={style}: torch.compile is not used with "
+                                   f"activation checkpointing; this network trains eagerly.")
+            return False
+        return super()._do_i_compile()
+
     def on_train_start(self):
         if self.device.type == "cuda" and self.local_rank == 0:
             self._warn_if_memory_short()
