@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from .step import make_train_step
-from .tracker import MiB, AmpEmulation, LiveStorageTracker, module_state_bytes, storage_bytes
+from .tracker import MiB, AmpEmulation, FusedAttention, LiveStorageTracker, module_state_bytes, storage_bytes
 
 
 class MemoryEstimate(NamedTuple):
@@ -45,11 +45,13 @@ class MemoryEstimate(NamedTuple):
 
 @contextlib.contextmanager
 def _reference_path():
-    """torch's own convolutions (our CPU depthwise op is for real CPU tensors; this is the CUDA path)."""
+    """torch's own convolutions (our CPU depthwise op is for real CPU tensors; this is the CUDA path) and the
+    fused attention kernel that real devices run."""
     saved = os.environ.get("NNUNET_LK_DEPTHWISE")
     os.environ["NNUNET_LK_DEPTHWISE"] = "torch"
     try:
-        yield
+        with FusedAttention():
+            yield
     finally:
         if saved is None:
             os.environ.pop("NNUNET_LK_DEPTHWISE", None)

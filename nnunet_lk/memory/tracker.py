@@ -134,3 +134,19 @@ class AmpEmulation(TorchFunctionMode):
                 wide = torch.float32 if any(t.dtype == torch.float32 for t in floats) else floats[0].dtype
                 args, kwargs = tree_map(lambda v: _cast(v, wide), (args, kwargs))
         return func(*args, **kwargs)
+
+
+class FusedAttention(TorchFunctionMode):
+    """On the meta device, scaled-dot-product attention as the fused kernel that CPU and CUDA run (it saves the
+    log-sum-exp, not the attention matrix); meta tensors would otherwise take the math path, which materialises
+    the whole matrix and overstates attention's memory by orders of magnitude."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            options = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), rest), **kwargs)
+            if q.device.type == "meta" and options.get("attn_mask") is None and not options.get("dropout_p"):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, bool(options.get("is_causal", False)), scale=options.get("scale"))[0]
+        return func(*args, **kwargs)
