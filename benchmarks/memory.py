@@ -157,7 +157,8 @@ def markdown(record: dict) -> str:
              "Estimate: shape-only, on the meta device (`nnunet_lk.memory.estimate`); measured: torch.profiler memory "
              "events of a real CPU step (contiguous tensors, our CPU depthwise op), float32. AMP: the estimate "
              "at CUDA autocast's dtypes (what the planner uses; not measurable without a GPU). (×) = ratio to stock "
-             "nnU-Net's figure of the same kind; `stages` = `checkpoint_style=stages`.", ""]
+             "nnU-Net's figure of the same kind; `stages` = `checkpoint_style=stages`. Measured only where the float32 "
+             f"estimate is under {record['max_measure_gib']:g} GiB (CPU time: DLKUNet's 3D steps take minutes here).", ""]
     for c in record["configurations"]:
         lines += [f"## {c['label']}: patch {c['patch_size']}, batch {c['batch_size']}", "",
                   "| network | checkpointing | train estimate MiB | measured MiB (estimate error) | AMP estimate MiB | "
@@ -211,11 +212,13 @@ def main() -> int:
     configurations.append(("Large synthetic CT 3d_fullres (nnU-Net's ExperimentPlanner, 8 GB)", large, large_json,
                            "3d_fullres"))
     record = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": args.threads,
-              "configurations": [measure_configuration(*c, args.max_measure_gib, log) for c in configurations]}
+              "max_measure_gib": args.max_measure_gib, "configurations": []}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "memory.md").write_text(markdown(record))
+    for c in configurations:  # written after each configuration: a long run keeps what it measured
+        record["configurations"].append(measure_configuration(*c, args.max_measure_gib, log))
+        (out / "memory.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "memory.md").write_text(markdown(record))
     print(markdown(record))
     return 0
 
