@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from nnunet_lk.bench import plans_context, resolve_trainer  # noqa: E402
 from nnunet_lk.memory.estimate import block_profile, estimate_inference, estimate_training, trainer_builder  # noqa: E402
 from nnunet_lk.memory.step import make_train_step  # noqa: E402
-from nnunet_lk.memory.tracker import MiB, module_state_bytes, profiled_peak, storage_bytes  # noqa: E402
+from nnunet_lk.memory import tracker  # noqa: E402
+from nnunet_lk.memory.tracker import MiB  # noqa: E402
 from nnunet_lk.plans import derive_plans  # noqa: E402
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerDLKUNetL",
@@ -74,7 +75,7 @@ def large_dataset_plans(work: Path) -> tuple:
     return json.loads((work / "pre" / name / "nnUNetPlans.json").read_text()), dataset_json
 
 
-def measured_peak(trainer: str, plans: dict, dataset_json: dict, configuration: str) -> dict:
+def measured_peaks(trainer: str, plans: dict, dataset_json: dict, configuration: str) -> dict:
     pm, cm, n_in, n_out = plans_context(plans, dataset_json, configuration)
     torch.manual_seed(0)
     net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, True)
@@ -86,14 +87,14 @@ def measured_peak(trainer: str, plans: dict, dataset_json: dict, configuration: 
     step.run()
     seconds = time.perf_counter() - start
     step.optimizer.zero_grad(set_to_none=True)
-    train = module_state_bytes(net, step.optimizer) + storage_bytes(step.inputs) + profiled_peak(step.run)
+    train = tracker.measured_peak(step.run, net, step.optimizer, step.inputs)
     net.eval()
     x = torch.randn(1, n_in, *cm.patch_size)
 
     def forward():
         with torch.no_grad():
             net(x)
-    infer = module_state_bytes(net) + storage_bytes([x]) + profiled_peak(forward)
+    infer = tracker.measured_peak(forward, net, inputs=[x])
     return {"train_measured_mib": round(train / MiB, 1), "inference_measured_mib": round(infer / MiB, 1),
             "step_seconds": round(seconds, 2)}
 
@@ -132,7 +133,7 @@ def measure_configuration(label: str, plans: dict, dataset_json: dict, configura
                    "train_estimate_mib": round(fp32.total_mib, 1), "train_estimate_amp_mib": round(amp.total_mib, 1),
                    "inference_estimate_mib": round(infer.total_mib, 1), "estimate_seconds": round(seconds, 2)}
             if fp32.total_mib < max_measure_gib * 1024:
-                row.update(measured_peak(trainer, styled, dataset_json, configuration))
+                row.update(measured_peaks(trainer, styled, dataset_json, configuration))
                 for kind in ("train", "inference"):
                     row[f"{kind}_estimate_error"] = round(row[f"{kind}_estimate_mib"] / row[f"{kind}_measured_mib"] - 1, 4)
             if style == "off" and backbone:

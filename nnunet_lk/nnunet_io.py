@@ -1,5 +1,6 @@
 """The nnU-Net I/O every command shares, in one place: trainer lookup by name (nnU-Net's own, with its search
-messages kept out of our output), dataset name resolution, and reading a checkpoint with clear errors."""
+messages kept out of our output), dataset name resolution, a configuration's managers and channel counts, and
+reading a checkpoint with clear errors."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,20 @@ import os
 import torch
 
 from .errors import CheckpointError, TrainerNotFoundError, UsageError
+
+
+def plans_context(plans: dict, dataset_json: dict, configuration: str):
+    """(plans manager, configuration manager, input channels, output channels) as nnU-Net derives them."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    if configuration not in plans.get("configurations", {}):
+        raise UsageError(f"configuration {configuration!r} is not in the plans; available: "
+                         f"{', '.join(plans.get('configurations', {}))}")
+    cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return pm, cm, n_in, n_out
 
 
 def find_trainer_class(name: str, *, not_found_hint: str = ""):

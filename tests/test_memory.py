@@ -13,8 +13,7 @@ from nnunet_lk.cli.main import main
 from nnunet_lk.memory.estimate import estimate_for_plans, estimate_training, trainer_builder
 from nnunet_lk.memory.planner import memory_warning, plan_for_memory
 from nnunet_lk.memory.step import make_train_step
-from nnunet_lk.memory.tracker import MiB, LiveStorageTracker, module_state_bytes, profiled_peak, storage_bytes
-from nnunet_lk.plans import derive_plans
+from nnunet_lk.memory.tracker import MiB, LiveStorageTracker, measured_peak, storage_bytes
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerLGMSNet",
             "nnUNetTrainerLMNet", "nnUNetTrainerMSLKSeg"]
@@ -43,8 +42,7 @@ def _measured_cpu_peak(trainer, plans, dataset_json, configuration, batch):
     step = make_train_step(net, n_in, n_out, list(cm.patch_size), batch, batch_dice=bool(cm.batch_dice), device="cpu")
     step.run()
     step.optimizer.zero_grad(set_to_none=True)
-    persistent = module_state_bytes(net, step.optimizer) + storage_bytes(step.inputs)
-    return persistent + profiled_peak(step.run)
+    return measured_peak(step.run, net, step.optimizer, step.inputs)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import UsageError
-from ..nnunet_io import dataset_name  # noqa: F401  (re-exported: ablate and the CLI resolve names here)
+from ..nnunet_io import dataset_name, plans_context  # noqa: F401  (re-exported: ablate and the CLI use them here)
 
 STOCK_TRAINER = "nnUNetTrainer"  # defined before the submodules are imported: report uses it
 STOCK_BUDGET_TRAINER = "nnUNetTrainerStockBudget"
@@ -82,20 +82,6 @@ def load_plans(dataset: str, plans_name: str = "nnUNetPlans"):
             raise UsageError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
                              f"(or name existing plans with -p)")
     return json.loads(plans_file.read_text()), json.loads(dataset_file.read_text()), name
-
-
-def plans_context(plans: dict, dataset_json: dict, configuration: str):
-    """(plans manager, configuration manager, input channels, output channels) as nnU-Net derives them."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(plans)
-    if configuration not in plans.get("configurations", {}):
-        raise UsageError(f"configuration {configuration!r} is not in the plans; available: "
-                         f"{', '.join(plans.get('configurations', {}))}")
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return pm, cm, n_in, n_out
 
 
 def precheck(trainer: str, patch_size: Sequence[int]) -> Optional[str]:

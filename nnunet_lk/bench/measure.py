@@ -172,8 +172,10 @@ def measure_train_step(net, cm, n_in: int, n_out: int, batch: int, timer: Timer,
     step = make_train_step(net, n_in, n_out, list(cm.patch_size), batch, batch_dice=bool(cm.batch_dice),
                            device=timer.device, cuda_amp=timer.cuda, autocast=timer.autocast)
     timer.reset_memory()
-    times = [timer.time(step.run) for _ in range(max(warmup, 1) + repeats)][max(warmup, 1):]
+    times = [timer.time(step.run) for _ in range(warmup + repeats)][warmup:]
     result = {"train_memory_mib": timer.memory_mib(baseline_rss)}
+    if not warmup + repeats:
+        step.run()  # the optimiser's state exists before the measured step, as in training and the estimate
     if times:
         result["train_step_ms"] = timing_stats(times)
         result["train_step_ms_median"] = result["train_step_ms"]["median"]
@@ -187,7 +189,7 @@ def peak_of(run, timer: Timer, net, optimizer=None, inputs=()) -> float:
     """Peak tensor memory of ``run`` in MiB: on CUDA the allocator's maximum (everything allocated); on a CPU
     what stays allocated between steps (weights, optimiser state, inputs) plus the peak that torch's memory
     profiler records while it runs: the quantity ``memory.estimate`` estimates."""
-    from ..memory.tracker import MiB, module_state_bytes, profiled_peak, storage_bytes
+    from ..memory.tracker import MiB, measured_peak
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     if timer.cuda:
@@ -197,8 +199,7 @@ def peak_of(run, timer: Timer, net, optimizer=None, inputs=()) -> float:
         run()
         timer.sync()
         return round(torch.cuda.max_memory_allocated(timer.device) / MiB, 1)
-    persistent = module_state_bytes(net, optimizer) + storage_bytes(inputs)
-    return round((persistent + profiled_peak(run)) / MiB, 1)
+    return round(measured_peak(run, net, optimizer, inputs) / MiB, 1)
 
 
 def measure_network(job: dict) -> dict:

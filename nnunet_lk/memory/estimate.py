@@ -14,7 +14,6 @@ validated against torch's memory profiler on the same path (``nnunet-lk bench``)
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -43,20 +42,10 @@ class MemoryEstimate(NamedTuple):
                 "amp": self.amp}
 
 
-@contextlib.contextmanager
 def _reference_path():
-    """torch's own convolutions (our CPU depthwise op is for real CPU tensors; this is the CUDA path) and the
-    fused attention kernel that real devices run."""
-    saved = os.environ.get("NNUNET_LK_DEPTHWISE")
-    os.environ["NNUNET_LK_DEPTHWISE"] = "torch"
-    try:
-        with FusedAttention():
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("NNUNET_LK_DEPTHWISE", None)
-        else:
-            os.environ["NNUNET_LK_DEPTHWISE"] = saved
+    """The fused attention kernel that real devices run. (Convolutions already take torch's own path: the CPU
+    depthwise op runs on real CPU tensors only, so meta tensors get what CUDA runs.)"""
+    return FusedAttention()
 
 
 def _on_meta(build: Callable[[bool], torch.nn.Module], deep_supervision: bool) -> torch.nn.Module:

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 
 from ..errors import NetworkConfigError
+from ..nnunet_io import plans_context
 from ..patch_sizes import MIN_STAGES, planned_topology
 from ..plans import derive_plans, validate_configuration
 from .estimate import MemoryEstimate, estimate_for_plans
@@ -39,18 +40,10 @@ class MemoryPlan(NamedTuple):
     original_batch: int
 
 
-def _context(plans: dict, dataset_json: dict, configuration: str):
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration)
-    return pm, cm, determine_num_input_channels(pm, cm, dataset_json), pm.get_label_manager(dataset_json).num_segmentation_heads
-
-
 def estimate_plans(trainer_cls, plans: dict, dataset_json: dict, configuration: str, *, batch: Optional[int] = None,
                    amp: bool = True) -> MemoryEstimate:
     """The training estimate of ``trainer_cls`` on ``plans``' configuration (its own batch unless given)."""
-    pm, cm, n_in, n_out = _context(plans, dataset_json, configuration)
+    pm, cm, n_in, n_out = plans_context(plans, dataset_json, configuration)
     return estimate_for_plans(trainer_cls, pm, cm, n_in, n_out, batch=batch, amp=amp)
 
 

@@ -84,6 +84,12 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
 
+def measured_peak(run: Callable[[], object], module: torch.nn.Module, optimizer=None, inputs=()) -> int:
+    """What a real CPU step holds at its peak: what stays allocated between steps (weights, optimiser state,
+    inputs) plus the peak torch's profiler records while ``run`` runs; the quantity ``estimate`` estimates."""
+    return module_state_bytes(module, optimizer) + storage_bytes(inputs) + profiled_peak(run)
+
+
 def profiled_peak(step: Callable[[], object], device: str = "cpu") -> int:
     """Peak bytes allocated above the start while ``step`` runs, from torch.profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile

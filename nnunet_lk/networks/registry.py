@@ -50,8 +50,6 @@ class BackboneSpec:
         """Every option with its default for this name: the builder's defaults, the skeleton's, then the size's."""
         return {**builder_options(self.builder), **SKELETON_OPTIONS, **self.size}
 
-    def supports(self, dim: int) -> bool:
-        return dim in self.dims
 
 
 _REGISTRY: Dict[str, BackboneSpec] = {}
