@@ -255,9 +255,11 @@ def test_flop_counter_sees_the_plain_convolution():
 # ---- every backbone ------------------------------------------------------------------------------------------
 def _plain_build(name, dim):
     """The backbone with plain nn.Conv2d/nn.Conv3d (the builder called directly), as before LKConv."""
+    from nnunet_lk.networks.registry import SKELETON_OPTIONS
     spec = get_backbone(name)
+    options = {k: v for k, v in {**spec.config, **TINY[name]}.items() if k not in SKELETON_OPTIONS}  # not the builder's
     return spec.builder(nn.Conv2d if dim == 2 else nn.Conv3d, 1, 2, strides=None, kernel_sizes=None,
-                        patch_size=PATCH[dim], deep_supervision=False, **{**spec.config, **TINY[name]})
+                        patch_size=PATCH[dim], deep_supervision=False, **options)
 
 
 @pytest.mark.parametrize("name,dim", [(n, d) for n in sorted(TINY) for d in (2, 3)])
