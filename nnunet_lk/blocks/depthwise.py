@@ -24,7 +24,8 @@ channels-last one channels-last. The conversions are included in every measured 
 
 torch's own ``F.conv2d``/``F.conv3d`` runs, unchanged:
 - on CUDA (any non-CPU device), for tensors that are not float32, under CPU autocast, when oneDNN
-  (mkldnn) is unavailable or disabled;
+  (mkldnn) is unavailable or disabled (CPU float16 grouped convs in float32 arithmetic, returned in float16:
+  oneDNN's float16 kernels hang on some CPUs);
 - for groups == 1, grouped convs that are not depthwise (groups < channels, or a channel multiplier),
   string paddings ('same'/'valid'), 1x1 kernels (a per-channel scale);
 - while exporting (ONNX, ``torch.export``), tracing/scripting (``torch.jit``) or compiling
@@ -79,7 +80,19 @@ def mode() -> str:
 
 def _torch_conv(x, weight, bias, stride, padding, dilation, groups):
     conv = F.conv2d if x.dim() == 4 else F.conv3d if x.dim() == 5 else F.conv1d
+    if groups > 1 and x.device.type == "cpu" and _cpu_float16(x):
+        # oneDNN's float16 grouped kernels never return on some CPUs with AVX512-FP16 once the kernel reaches 15
+        # (measured: a 21x21 depthwise conv on 2x4x64x64); computed in float32, returned in float16 as autocast would
+        with torch.autocast("cpu", enabled=False):
+            out = conv(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding, dilation,
+                       groups)
+        return out.half()
     return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _cpu_float16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float16 or (x.is_floating_point() and torch.is_autocast_enabled("cpu")
+                                        and torch.get_autocast_dtype("cpu") == torch.float16)
 
 
 def _tuple(value, dim: int) -> Tuple[int, ...]:
