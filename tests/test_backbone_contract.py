@@ -185,7 +185,7 @@ def test_fused_equals_unfused(name, dim):
 
 
 @pytest.mark.parametrize("name,dim", CASES)
-@pytest.mark.parametrize("style", ["stages", "blocks"])
+@pytest.mark.parametrize("style", ["stages", pytest.param("blocks", marks=pytest.mark.full)])  # blocks: -m full
 def test_activation_checkpointing_computes_the_same_network(name, dim, style):
     # same weights, state-dict keys, training outputs, gradients and BatchNorm statistics after a step; the
     # checkpointed modules keep only their inputs, so the step's estimated peak memory is lower
