@@ -1,5 +1,5 @@
-"""Training and inference memory of every backbone and stock nnU-Net at nnU-Net's own plans, as shipped and with
-activation checkpointing, with the shape-only estimate beside each measured peak (`nnunet_lk.memory`).
+"""Training and inference memory of every backbone and stock nnU-Net at nnU-Net's own plans, with each memory option
+(plain blocks, lean block forms, activation checkpointing), with the shape-only estimate beside each measured peak (`nnunet_lk.memory`).
 
 Plans measured: Hippocampus 2d and 3d_fullres (nnU-Net 2.8.1's plans, tests/fixtures), ACDC 3d_fullres
 (anisotropic; `--acdc-plans`: nnUNetPlans.json written by nnUNetv2_plan_experiment -d 27), and the plans nnU-Net's
@@ -40,7 +40,11 @@ from nnunet_lk.plans import derive_plans  # noqa: E402
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerDLKUNetL",
             "nnUNetTrainerLGMSNet", "nnUNetTrainerLMNet", "nnUNetTrainerMSLKSeg"]
-STYLES = ("off", "stages")
+# the backbones' memory options (``networks.checkpointing``): plain blocks; the lean forms (what "auto", the default,
+# runs on a GPU); lean forms and stage checkpointing; stage checkpointing alone
+VARIANTS = {"plain": {"memory_lean": False}, "lean": {"memory_lean": True},
+            "lean + stages": {"memory_lean": True, "checkpoint_style": "stages"},
+            "stages": {"memory_lean": False, "checkpoint_style": "stages"}}
 HIPPOCAMPUS_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
                     "numTraining": 208, "file_ending": ".nii.gz"}
 
@@ -99,11 +103,11 @@ def measured_peaks(trainer: str, plans: dict, dataset_json: dict, configuration:
             "step_seconds": round(seconds, 2)}
 
 
-def with_style(plans: dict, configuration: str, trainer: str, style: str) -> dict:
+def with_variant(plans: dict, configuration: str, trainer: str, variant: str) -> dict:
     backbone = getattr(resolve_trainer(trainer), "backbone", None)
-    if style == "off" or backbone is None:
+    if backbone is None:
         return plans
-    return derive_plans(plans, configuration, plans["plans_name"], backbone_opts={backbone: {"checkpoint_style": style}})
+    return derive_plans(plans, configuration, plans["plans_name"], backbone_opts={backbone: VARIANTS[variant]})
 
 
 def measure_configuration(label: str, plans: dict, dataset_json: dict, configuration: str, max_measure_gib: float,
@@ -113,8 +117,8 @@ def measure_configuration(label: str, plans: dict, dataset_json: dict, configura
     for trainer in TRAINERS:
         cls = resolve_trainer(trainer)
         backbone = getattr(cls, "backbone", None)
-        for style in STYLES if backbone else ("off",):
-            styled = with_style(plans, configuration, trainer, style)
+        for style in VARIANTS if backbone else ("plain",):
+            styled = with_variant(plans, configuration, trainer, style)
             spm, scm, _, _ = plans_context(styled, dataset_json, configuration)
             build = trainer_builder(cls, spm, scm, n_in, n_out)
             try:
@@ -136,7 +140,7 @@ def measure_configuration(label: str, plans: dict, dataset_json: dict, configura
                 row.update(measured_peaks(trainer, styled, dataset_json, configuration))
                 for kind in ("train", "inference"):
                     row[f"{kind}_estimate_error"] = round(row[f"{kind}_estimate_mib"] / row[f"{kind}_measured_mib"] - 1, 4)
-            if style == "off" and backbone:
+            if style in ("plain", "lean") and backbone:
                 row["blocks"] = block_profile(build, n_in, list(cm.patch_size), cm.batch_size, depth=3)[:5]
             rows.append(row)
             log(f"{label} {trainer} [{style}]: estimate {row['train_estimate_mib']:.0f} MiB (AMP "
@@ -158,11 +162,13 @@ def markdown(record: dict) -> str:
              "Estimate: shape-only, on the meta device (`nnunet_lk.memory.estimate`); measured: torch.profiler memory "
              "events of a real CPU step (contiguous tensors, our CPU depthwise op), float32. AMP: the estimate "
              "at CUDA autocast's dtypes (what the planner uses; not measurable without a GPU). (×) = ratio to stock "
-             "nnU-Net's figure of the same kind; `stages` = `checkpoint_style=stages`. Measured only where the float32 "
+             "nnU-Net's figure of the same kind. Memory options: `plain` = `memory_lean=false`; `lean` = `memory_lean=true`, "
+             "what the default `auto` runs on a GPU (on a CPU it runs plain); `stages` = `checkpoint_style=stages`. "
+             "Measured only where the float32 "
              f"estimate is under {record['max_measure_gib']:g} GiB (CPU time: DLKUNet's 3D steps take minutes here).", ""]
     for c in record["configurations"]:
         lines += [f"## {c['label']}: patch {c['patch_size']}, batch {c['batch_size']}", "",
-                  "| network | checkpointing | train estimate MiB | measured MiB (estimate error) | AMP estimate MiB | "
+                  "| network | memory options | train estimate MiB | measured MiB (estimate error) | AMP estimate MiB | "
                   "inference estimate MiB |", "|---|---|---:|---:|---:|---:|"]
         for r in c["rows"]:
             if r["status"] != "ok":
@@ -175,13 +181,13 @@ def markdown(record: dict) -> str:
                          f"({ratio['train_estimate_mib']:.2f}×) | {measured} | {r['train_estimate_amp_mib']:.0f} "
                          f"({ratio['train_estimate_amp_mib']:.2f}×) | {r['inference_estimate_mib']:.0f} "
                          f"({ratio['inference_estimate_mib']:.2f}×) |")
-        lines += ["", "Where the memory goes (shipped form; bytes a module leaves allocated after its training "
-                      "forward: its output and what it saved for backward; top 3):", ""]
+        lines += ["", "Where the memory goes (bytes a module leaves allocated after its training forward: its output "
+                      "and what it saved for backward; top 3):", ""]
         for r in c["rows"]:
             if r.get("blocks"):
                 top = "; ".join(f"{b['module']} ({b['kind']}) {b['retained_mib']:.0f} MiB, {100 * b['share']:.0f}%"
                                 for b in r["blocks"][:3])
-                lines.append(f"- {r['trainer']}: {top}")
+                lines.append(f"- {r['trainer']} ({r['style']}): {top}")
         lines.append("")
     errors = [abs(r["train_estimate_error"]) for c in record["configurations"] for r in c["rows"]
               if "train_estimate_error" in r]

@@ -184,30 +184,40 @@ def test_fused_equals_unfused(name, dim):
     assert list(net.state_dict()) == keys  # the fused kernels never reach the state dict
 
 
+MEMORY_OPTIONS = {"lean": {"memory_lean": True}, "stages": {"memory_lean": True, "checkpoint_style": "stages"},
+                  "blocks": {"memory_lean": True, "checkpoint_style": "blocks"},
+                  "stages, not lean": {"memory_lean": False, "checkpoint_style": "stages"}}
+
+
 @pytest.mark.parametrize("name,dim", CASES)
-@pytest.mark.parametrize("style", ["stages", pytest.param("blocks", marks=pytest.mark.full)])  # blocks: -m full
-def test_activation_checkpointing_computes_the_same_network(name, dim, style):
-    # same weights, state-dict keys, training outputs, gradients and BatchNorm statistics after a step; the
-    # checkpointed modules keep only their inputs, so the step's estimated peak memory is lower
+@pytest.mark.parametrize("memory", ["lean", *(pytest.param(m, marks=pytest.mark.full)  # the others: -m full
+                                              for m in ("stages", "blocks", "stages, not lean"))])
+def test_memory_options_compute_the_same_network(name, dim, memory):
+    # the lean block forms (shipped, on a GPU) and activation checkpointing against the plain network: same weights,
+    # state-dict keys, training outputs, gradients and BatchNorm statistics after a step; they keep less for
+    # backward, so the step's estimated peak memory is lower
     from nnunet_lk.memory.estimate import estimate_training
-    plain = _net(name, dim, deep_supervision=True).double().train()
-    checkpointed = _net(name, dim, deep_supervision=True, checkpoint_style=style).double().train()
-    assert checkpointed.checkpoint_style == style and plain.checkpoint_style == "off"
-    checkpointed.load_state_dict(plain.state_dict(), strict=True)
+    options = MEMORY_OPTIONS[memory]
+    plain = _net(name, dim, deep_supervision=True, memory_lean=False).double().train()
+    lean = _net(name, dim, deep_supervision=True, **options).double().train()
+    assert lean.checkpoint_style == options.get("checkpoint_style", "off") and plain.checkpoint_style == "off"
+    assert lean.memory_lean is options["memory_lean"] and plain.memory_lean is False
+    lean.load_state_dict(plain.state_dict(), strict=True)
     out, x_grad, grads = _loss_and_gradients(plain, _input(dim).double())
-    out_c, x_grad_c, grads_c = _loss_and_gradients(checkpointed, _input(dim).double())
+    out_c, x_grad_c, grads_c = _loss_and_gradients(lean, _input(dim).double())
     for a, b in zip(out, out_c):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-9, atol=1e-12)
     for n, g in grads.items():
         torch.testing.assert_close(grads_c[n], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
-    for (n, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+    for (n, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{n}: {m}")  # BN statistics advanced once
     with torch.no_grad():  # evaluation runs the plain forward
-        torch.testing.assert_close(checkpointed.eval()(_input(dim).double())[0], plain.eval()(_input(dim).double())[0])
-    estimates = {s: estimate_training(lambda ds, s=s: _net(name, dim, deep_supervision=ds, checkpoint_style=s), 2, 3,
-                                      PLANS[dim]["patch_size"], 4).total for s in ("off", style)}
-    assert estimates[style] < estimates["off"]
+        torch.testing.assert_close(lean.eval()(_input(dim).double())[0], plain.eval()(_input(dim).double())[0])
+    estimates = {key: estimate_training(lambda ds, o=o: _net(name, dim, deep_supervision=ds, **o), 2, 3,
+                                        PLANS[dim]["patch_size"], 4).total
+                 for key, o in (("plain", {"memory_lean": False}), (memory, options))}
+    assert estimates[memory] < estimates["plain"]
 
 
 def test_options_have_one_source_the_builders_signature():

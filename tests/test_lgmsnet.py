@@ -263,4 +263,5 @@ def test_errors():
 def test_registration():
     spec = get_backbone("lgmsnet")
     assert spec.dims == (2, 3)
-    assert spec.config == dict(levels=None, widths=None, norm="faithful", pad_to_unfold=True, checkpoint_style="off")
+    assert spec.config == dict(levels=None, widths=None, norm="faithful", pad_to_unfold=True, memory_lean="auto",
+                               checkpoint_style="off")

@@ -55,7 +55,8 @@ def test_official_total_and_module_counts():
 def test_block_structure_and_defaults():
     spec = get_backbone("lmnet")
     assert spec.config == dict(levels=5, width=12, heads=12, gft_heads=12, na_kernel=3, rel_pos_bias=True,
-                               checkpoint_attention=True, checkpoint_style="off")  # the last: every backbone's
+                               checkpoint_attention=True, memory_lean="auto", checkpoint_style="off")  # the last two:
+    # every backbone's
     gft = GlobalFeatureTransformer(nn.Conv2d, 372, 192, heads=12)
     assert gft.attention.heads == 12 and gft.mlp[0].out_features == 744
     lft = LocalFeatureTransformer(nn.Conv2d, 96, heads=12)

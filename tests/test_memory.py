@@ -14,6 +14,7 @@ from nnunet_lk.memory.estimate import estimate_for_plans, estimate_training, tra
 from nnunet_lk.memory.planner import memory_warning, plan_for_memory
 from nnunet_lk.memory.step import make_train_step
 from nnunet_lk.memory.tracker import MiB, LiveStorageTracker, measured_peak, storage_bytes
+from nnunet_lk.plans import derive_plans
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerLGMSNet",
             "nnUNetTrainerLMNet", "nnUNetTrainerMSLKSeg"]
@@ -32,8 +33,18 @@ def test_live_storage_tracker_counts_allocations_frees_and_views():
     assert storage_bytes([a, view, c]) == 6144
 
 
+def _with_memory_lean(plans, configuration, trainer, setting):
+    """The plans with the backbone's ``memory_lean`` set (a GPU runs "auto" lean; a CPU needs True to do so)."""
+    backbone = getattr(resolve_trainer(trainer), "backbone", None)
+    if backbone is None:
+        return plans
+    return derive_plans(plans, configuration, plans["plans_name"], backbone_opts={backbone: {"memory_lean": setting}})
+
+
 def _measured_cpu_peak(trainer, plans, dataset_json, configuration, batch):
-    """Weights, optimiser state and inputs, plus what torch's memory profiler sees a real step allocate."""
+    """Weights, optimiser state and inputs, plus what torch's memory profiler sees a real step allocate, with the
+    network as a GPU would run it (lean forms on)."""
+    plans = _with_memory_lean(plans, configuration, trainer, True)
     pm, cm, n_in, n_out = plans_context(plans, dataset_json, configuration)
     torch.manual_seed(0)
     net = resolve_trainer(trainer).build_network_architecture(pm, cm, n_in, n_out, True)
@@ -48,7 +59,8 @@ def _measured_cpu_peak(trainer, plans, dataset_json, configuration, batch):
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_estimate_matches_the_profiled_peak_of_a_real_step(trainer, hippocampus_plans, hippocampus_dataset_json,
                                                            monkeypatch):
-    # torch's own convolutions, contiguous: the device-independent path the estimate models (CUDA's)
+    # torch's own convolutions, contiguous: the device-independent path the estimate models (CUDA's); the
+    # estimate of the shipped "auto" setting is the lean network a GPU runs
     monkeypatch.setenv("NNUNET_LK_DEPTHWISE", "torch")
     batch = 8
     measured = _measured_cpu_peak(trainer, hippocampus_plans, hippocampus_dataset_json, "2d", batch)
@@ -133,15 +145,15 @@ def test_cli_plans_for_a_backbone(nnunet_dirs, hippocampus_plans, hippocampus_da
     assert written["plans_name"] == "nnUNetPlans_dlkunet_m" and config["batch_size"] >= 2
     assert config["patch_size"] != [40, 56, 40]  # DLKUNet-M needs ~5x stock's memory at nnU-Net's plans
     assert "-tr nnUNetTrainerDLKUNetM -p nnUNetPlans_dlkunet_m" in out and "stock nnU-Net's estimate" in out
-    # nnU-Net's own spelling of the target; options are planned with (checkpointing lowers the estimate, so the
-    # same target fits more voxels per batch)
+    # nnU-Net's own spelling of the target; options are planned with (the plain blocks need more memory than the
+    # shipped lean ones, so the same target fits fewer voxels per batch)
     voxels = {}
-    for name, option in (("plain", []), ("lean", ["--option", "dlkunet_m.checkpoint_style=stages"])):
+    for name, option in (("lean", []), ("plain", ["--option", "dlkunet_m.memory_lean=false"])):
         assert main(["plans", "-d", "4", "-c", "3d_fullres", "--backbone", "dlkunet_m", "-gpu_memory_target", "0.5",
                      "--name", name, *option]) == 0
         config = json.loads((folder / f"{name}.json").read_text())["configurations"]["3d_fullres"]
         voxels[name] = config["batch_size"] * torch.tensor(config["patch_size"]).prod().item()
-    assert config["nnunet_lk"] == {"dlkunet_m": {"checkpoint_style": "stages"}}
+    assert config["nnunet_lk"] == {"dlkunet_m": {"memory_lean": False}}
     assert voxels["lean"] > voxels["plain"]
     # bad input: a clear error, nothing written
     assert main(["plans", "-d", "4", "-c", "2d", "--gpu-memory", "8", "--name", "x"]) == 2

@@ -265,7 +265,8 @@ def estimate_figures(trainer: str, pm, cm, n_in: int, n_out: int, batch: int, me
     from ..memory.estimate import estimate_inference, estimate_training, trainer_builder
     build = trainer_builder(resolve_trainer(trainer), pm, cm, n_in, n_out)
     patch = list(cm.patch_size)
-    train = estimate_training(build, n_in, n_out, patch, batch, batch_dice=bool(cm.batch_dice), amp=amp)
+    train = estimate_training(build, n_in, n_out, patch, batch, batch_dice=bool(cm.batch_dice), amp=amp,
+                              runs_on="cuda" if amp else "cpu")
     infer = estimate_inference(build, n_in, patch, amp=amp)
     figures = {"train_estimate_mib": round(train.total_mib, 1), "inference_estimate_mib": round(infer.total_mib, 1)}
     for kind in ("train", "inference"):

@@ -272,6 +272,12 @@ def _forward(x, weight, bias, stride, padding, dilation, plan: str):
     return _in_layout(out, channels_last)
 
 
+def _counting_or_faking() -> bool:
+    """A dispatch mode is active other than selective checkpointing's (which only keeps or replays outputs)."""
+    mode = _get_current_dispatch_mode()
+    return mode is not None and type(mode).__name__ not in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+
+
 def fast_path_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding,
                       groups: int) -> bool:
     """True where ``grouped_conv`` may run its own formulations (else torch's ``F.conv``)."""
@@ -285,7 +291,7 @@ def fast_path_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return False
     if mode() != "fast" or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    if _get_current_dispatch_mode() is not None:  # FlopCounterMode, FakeTensorMode, ...: the plain op (MACs)
+    if _counting_or_faking():  # FlopCounterMode, FakeTensorMode, ...: the plain op (MACs)
         return False
     return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu"))  # autocast casts inside F.conv: leave it to torch

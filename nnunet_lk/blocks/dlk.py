@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .ops import (anisotropic_dilation, anisotropic_kernel, as_tuple, conv_dim, conv_transpose_op,
                   depthwise_conv, make_norm, pointwise_conv)
+from .recompute import LeanForm, lean_applies, recompute_cheap
 
 
 class DepthwiseSeparableConv(nn.Module):
@@ -56,9 +57,12 @@ class LargeKernelAttention(nn.Module):
         return x * self.pointwise(self.dilated(self.local(x)))
 
 
-class EBlock(nn.Module):
+class EBlock(LeanForm, nn.Module):
     """(DWSep → norm → ReLU) ×2, then large-kernel attention.
-    Params with BN: 10·cin + cin·cout + 2·cout² + 93·cout (2D)."""
+    Params with BN: 10·cin + cin·cout + 2·cout² + 93·cout (2D).
+
+    Lean form: three recomputed pieces that each start from a pointwise conv's output (what backward keeps
+    anyway), so the depthwise convs, norms, ReLUs and the gate's product are recomputed one piece at a time."""
 
     def __init__(self, conv_op, cin: int, cout: int, norm: str = "batch",
                  plan_kernel: Sequence[int] | None = None, gate_init: str = DEFAULT_GATE_INIT):
@@ -71,9 +75,23 @@ class EBlock(nn.Module):
         self.attention = LargeKernelAttention(conv_op, cout, plan_kernel=plan_kernel, gate_init=gate_init)
 
     def forward(self, x):
+        if lean_applies(self, x):
+            return self.lean_forward(self.conv1, x)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         return self.attention(x)
+
+    def lean_forward(self, first, *inputs):
+        """The block with ``first(*inputs)`` in place of ``conv1(x)``, in the lean form."""
+        y = recompute_cheap(first, *inputs, module=self.conv1)
+        y = recompute_cheap(self._second, y, module=self.norm1)
+        return recompute_cheap(self._gate, y, module=self.norm2)
+
+    def _second(self, y):
+        return self.conv2(self.act(self.norm1(y)))
+
+    def _gate(self, y):
+        return self.attention(self.act(self.norm2(y)))
 
 
 def pad_to_match(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -102,4 +120,10 @@ class DFBUp(nn.Module):
 
     def forward(self, x, skip):
         x = pad_to_match(self.up(x), skip)
+        if lean_applies(self.block, x):
+            # the concatenation is recomputed too: backward keeps the up-sampled half only
+            return self.block.lean_forward(self._first, skip, x)
         return self.block(torch.cat([skip, x], dim=1))
+
+    def _first(self, skip, up):
+        return self.block.conv1(torch.cat([skip, up], dim=1))

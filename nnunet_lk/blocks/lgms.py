@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import NetworkConfigError
 from .ops import anisotropic_kernel, conv_dim, instance_norm_op, linear_interpolation_mode, make_norm, same_padding
+from .recompute import LeanRegion
 
 # "instance_plain" is the official 3D code's nn.InstanceNorm3d(c): affine=False, no parameters.
 NORM_KINDS = ("batch", "instance", "instance_plain")
@@ -48,7 +49,7 @@ class ConvNormAct(nn.Sequential):
         )
 
 
-class LMSBlock(nn.Module):
+class LMSBlock(LeanRegion, nn.Module):
     """Lightweight multi-scale block (C -> C), §2.2: four channel groups, depthwise kernels 3/5/7/9
     (bias), concat + input -> GN(4) -> GELU, reduce PW C -> C/4 -> norm -> SiLU, expand 3x3
     C/4 -> C -> norm -> SiLU, plus the input again. Params with BN (2D): 2.5 C^2 + 46.5 C."""
@@ -181,7 +182,7 @@ class DepthwiseConvBranch(nn.Module):
         return x + self.body(x)
 
 
-class GMSBlock(nn.Module):
+class GMSBlock(LeanRegion, nn.Module):
     """Global multi-scale block (cin -> cout), §2.2 (official ``MobileViTBlocktem_CT``):
     3x3 cin -> cout, PW cout -> cout; split [t, c] (default t = 3/4 cout) into the sparse transformer
     (MLP hidden ``mlp_hidden``, default 2 * cout) and the depthwise conv branch; concat -> PW -> concat
@@ -218,7 +219,7 @@ class GMSBlock(nn.Module):
         return self.fuse(torch.cat([self.mix_out(y), x], dim=1))
 
 
-class UpConv(nn.Module):
+class UpConv(LeanRegion, nn.Module):
     """CMUNeXt up_conv: (bi/tri)linear upsampling to the skip's size (= x the level stride per axis,
     align_corners False) -> 3x3 conv (bias) -> norm -> ReLU."""
 
@@ -232,7 +233,7 @@ class UpConv(nn.Module):
         return self.conv(F.interpolate(x, size=tuple(size), mode=self.mode, align_corners=False))
 
 
-class FusionConv(nn.Sequential):
+class FusionConv(LeanRegion, nn.Sequential):
     """CMUNeXt fusion_conv (cin -> cout): 3x3 groups=2 (bias) -> GELU -> norm -> PW cin -> 4 cout
     -> GELU -> norm -> PW 4 cout -> cout -> GELU -> norm (activation before norm)."""
 

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..errors import NetworkConfigError
 from .ops import (adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, linear_interpolation_mode,
                   pointwise_conv, same_padding)
+from .recompute import LeanForm, LeanRegion, keep_marked_outputs, kept, lean_applies, recompute_all, recompute_cheap
 from .reparam import ReparamDepthwise
 
 
@@ -103,12 +104,15 @@ class SqueezeExcitation(nn.Module):
         return x * s
 
 
-class ReparamConv(nn.Module):
+class ReparamConv(LeanForm, nn.Module):
     """LM-Net's lightweight multi-branch module, (cin, e, cout):
     expand PW(bias)+BN+Hardswish -> Σ of depthwise 5×5 / 3×3 / 3×1 / 1×3 (each + BN, re-parameterised
     into one 5×5 depthwise conv in eval mode by :class:`ReparamDepthwise`) -> GELU -> SE -> PW(bias),
     plus a PW(bias) projection shortcut of the input (always, even when cin == cout).
-    Params (2D): cin·e + 3e + 48e + e²/2 + 1.25e + e·cout + cout + cin·cout + cout."""
+    Params (2D): cin·e + 3e + 48e + e²/2 + 1.25e + e·cout + cout + cin·cout + cout.
+
+    Lean form: backward keeps the input and the expansion's output (its norm's input) and recomputes the rest of
+    the main path; neither projection's output is kept (backward needs neither)."""
 
     def __init__(self, conv_op, cin: int, expand: int, cout: int, plan_kernel: Sequence[int] | None = None):
         super().__init__()
@@ -122,8 +126,15 @@ class ReparamConv(nn.Module):
         self.shortcut = pointwise_conv(conv_op, cin, cout)
 
     def forward(self, x):
-        y = self.project(self.se(self.act(self.mixer(self.expand(x)))))
-        return y + self.shortcut(x)
+        if lean_applies(self, x):
+            return recompute_cheap(self._main, x, module=self, policy=keep_marked_outputs) + self.shortcut(x)
+        return self._main(x) + self.shortcut(x)
+
+    def _main(self, x):
+        pointwise, norm, act = self.expand
+        with kept():
+            y = pointwise(x)
+        return self.project(self.se(self.act(self.mixer(act(norm(y))))))
 
 
 def reparam_conv_pair(conv_op, cin: int, width: int, plan_kernel=None) -> nn.Sequential:
@@ -233,7 +244,7 @@ class NeighborhoodAttention(nn.Module):
         return self.proj(out)
 
 
-class LocalFeatureTransformer(nn.Module):
+class LocalFeatureTransformer(LeanRegion, nn.Module):
     """LFT (official ``NeighborhoodTransformer``), C -> C: embed conv 3 (bias) -> channels-last e;
     a = e + NA(LN(e)); out = a + MLP(LN(a)) (hidden 2C, dropout 0.1)."""
 
@@ -321,7 +332,7 @@ class PyramidPoolBottleneck(nn.Module):
 # skips and decoder
 # --------------------------------------------------------------------------------------------------
 
-class MultiLevelSkipFusion(nn.Module):
+class MultiLevelSkipFusion(LeanRegion, nn.Module):
     """M2Skip / M3Skip generalised: fuse the neighbouring levels {i-1, i, i+1} into level i's width and
     resolution. lower (finer) level: conv 3 with the stride between the levels; same level: conv 3;
     upper (coarser) level: bilinear/trilinear up (align_corners=True) then conv 3. Concat in that order
@@ -371,9 +382,10 @@ class LMNetSkipPathway(nn.Module):
         return skips
 
 
-class AdditiveUpStage(nn.Module):
+class AdditiveUpStage(LeanForm, nn.Module):
     """Decoder stage: up (interpolate to the skip's size, align_corners=True, then conv 3 cin -> cout,
-    bias, no norm/act) + skip (addition), then RC(cout, 2cout, cout) ×2."""
+    bias, no norm/act) + skip (addition), then RC(cout, 2cout, cout) ×2.
+    Lean form: the interpolation is recomputed in backward (the conv keeps the low-resolution input instead)."""
 
     def __init__(self, conv_op, cin: int, cout: int, plan_kernel=None):
         super().__init__()
@@ -381,4 +393,9 @@ class AdditiveUpStage(nn.Module):
         self.blocks = reparam_conv_pair(conv_op, cout, cout, plan_kernel)
 
     def forward(self, x, skip):
-        return self.blocks(self.up_conv(upsample_like(x, skip.shape[2:])) + skip)
+        if lean_applies(self, x):
+            return self.blocks(recompute_all(self._up, x, tuple(skip.shape[2:]), module=self.up_conv) + skip)
+        return self.blocks(self._up(x, skip.shape[2:]) + skip)
+
+    def _up(self, x, size):
+        return self.up_conv(upsample_like(x, size))

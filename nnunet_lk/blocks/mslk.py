@@ -22,6 +22,7 @@ from ..errors import NetworkConfigError
 from .depthwise import grouped_conv
 from .ops import (anisotropic_kernel, as_tuple, avg_pool_fn, conv_dim, conv_transpose_op, linear_interpolation_mode,
                   make_norm, same_padding)
+from .recompute import LeanRegion
 from .reparam import ReparamDepthwise
 
 
@@ -182,7 +183,7 @@ class ProgressiveChannelSelfAttention(nn.Module):
         return x * torch.sigmoid(context)
 
 
-class MISBlock(nn.Sequential):
+class MISBlock(LeanRegion, nn.Sequential):
     """MIS = DyConv → MIE → MIDM, sequential, no residual (Fig. 1a, §4.2). DyConv changes the width."""
 
     def __init__(self, conv_op, cin: int, cout: int, norm: str = "batch", dyconv_kernels: int = 4,
@@ -198,7 +199,7 @@ class MISBlock(nn.Sequential):
         self.midm = ProgressiveChannelSelfAttention(conv_op, cout, window=midm_window, heads=midm_heads)
 
 
-class RepLKBlock(nn.Module):
+class RepLKBlock(LeanRegion, nn.Module):
     """LD = RepLKNet's RepLK block (§4.6): x + BN(PW(ReLU(ReDW(ReLU(BN(PW(BN(x)))))))), where ReDW is
     DW(large)+BN ∥ DW(small)+BN, fused into one DW(large) at inference by ``ReparamDepthwise``.
 
@@ -237,7 +238,7 @@ class RepLKBlock(nn.Module):
 
 
 # ---- the U around them: decoder stage and skip fusion --------------------------------------------------
-class ConvNormReLU(nn.Sequential):
+class ConvNormReLU(LeanRegion, nn.Sequential):
     def __init__(self, conv_op, cin: int, cout: int, norm: str, bias: bool, plan_kernel=None):
         dim = conv_dim(conv_op)
         kernel = anisotropic_kernel(3, plan_kernel, dim)

@@ -8,7 +8,8 @@ compute, no memory, a fraction of a second. The estimate of a step is
   + the peak of what the step allocates (activations saved for backward, gradients, the largest temporaries).
 
 It models the device-independent path (torch's own convolutions, contiguous tensors: what CUDA runs); with
-``amp=True`` the tensors have the dtypes CUDA's autocast gives them (``AmpEmulation``). On the CPU it is
+``amp=True`` the tensors have the dtypes CUDA's autocast gives them (``AmpEmulation``). Backbones' lean block forms
+in their "auto" setting are modelled as a GPU runs them (lean); ``runs_on="cpu"`` models them as a CPU does (plain). On the CPU it is
 validated against torch's memory profiler on the same path (``nnunet-lk bench``): within a few per cent.
 """
 from __future__ import annotations
@@ -48,20 +49,24 @@ def _reference_path():
     return FusedAttention()
 
 
-def _on_meta(build: Callable[[bool], torch.nn.Module], deep_supervision: bool) -> torch.nn.Module:
+def _on_meta(build: Callable[[bool], torch.nn.Module], deep_supervision: bool, runs_on: str = "cuda") -> torch.nn.Module:
     with torch.device("meta"):
         net = build(deep_supervision)
     if hasattr(net, "cpu_channels_last"):
         net.cpu_channels_last = False
+    if runs_on == "cpu":  # where "auto" keeps the plain forms
+        for module in net.modules():
+            if getattr(module, "memory_lean", None) == "auto":
+                module.memory_lean = False
     return net
 
 
 def estimate_training(build: Callable[[bool], torch.nn.Module], n_in: int, n_out: int, patch: Sequence[int],
-                      batch: int, *, batch_dice: bool = False, amp: bool = False) -> MemoryEstimate:
+                      batch: int, *, batch_dice: bool = False, amp: bool = False, runs_on: str = "cuda") -> MemoryEstimate:
     """Peak memory of one training step of ``build(deep_supervision=True)`` at ``batch`` × ``patch``: the
     second step, so the optimiser's state exists before it starts, as in every step of a real training."""
     with _reference_path():
-        net = _on_meta(build, True)
+        net = _on_meta(build, True, runs_on)
         step = make_train_step(net, n_in, n_out, patch, batch, batch_dice=batch_dice, device="meta",
                                autocast=AmpEmulation if amp else contextlib.nullcontext)
         step.run()  # creates the momentum buffers

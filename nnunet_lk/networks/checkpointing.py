@@ -1,72 +1,31 @@
-"""Activation checkpointing for any backbone built on the U skeleton (MedNeXt's ``checkpoint_style`` is the
-precedent): the chosen modules keep only their inputs for backward and run their forward again during
-backward. Outputs and gradients are the same as without it; training costs about one more forward.
+"""Memory options every backbone built on the U skeleton has (``SKELETON_OPTIONS`` in the registry, shown by
+``nnunet-lk list``). Both keep outputs, gradients, BatchNorm statistics and state dicts as they are; both act only
+in training mode with gradients enabled (evaluation, export and tracing run the plain forward).
 
-Styles (the backbone option ``checkpoint_style``, shown by ``nnunet-lk list``):
-- ``off``: nothing is recomputed (default);
+``memory_lean`` (``blocks.recompute.MEMORY_LEAN``; default "auto": on a GPU, not on a CPU): the backbone's blocks
+take their lean forms: backward keeps the outputs of dense convolutions and products and recomputes the cheap
+operations between them, block by block.
+
+``checkpoint_style`` (MedNeXt's option is the precedent): the chosen modules keep only their inputs and run their
+forward again during backward, about one more forward per step:
+- ``off``: nothing more is recomputed (default);
 - ``stages``: every encoder and decoder stage;
 - ``blocks``: every module with weights one level inside a stage (its blocks, convolutions, up-sampling; not
   its norms): finer, so that the peak during backward is one block's activations, not one stage's.
 
-Applied by wrapping the modules' ``forward`` on the instance: parameters, buffers and state-dict keys do not
-change, so checkpoints load either way. Only in training mode with gradients enabled; evaluation, export and
-tracing run the plain forward. BatchNorm statistics are restored after the recomputation, so running means and
-variances advance once per step, as without checkpointing.
+Applied by wrapping ``forward`` on the instance and setting flags: parameters, buffers and state-dict keys do not
+change, so checkpoints load either way.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import List
 
-import torch
 import torch.nn as nn
-from torch.overrides import _get_current_function_mode_stack
-from torch.utils.checkpoint import checkpoint
+
+from ..blocks.recompute import MEMORY_LEAN, LeanForm, LeanRegion, lean_region_forward, recompute_all
 
 CHECKPOINT_STYLES = ("off", "stages", "blocks")
-
-
-@contextlib.contextmanager
-def _norm_statistics_kept(module: nn.Module):
-    """Undo what a recomputed forward does to BatchNorm's running statistics."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    with torch.no_grad():
-        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-                 for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for b, s in zip((x for x in (m.running_mean, m.running_var, m.num_batches_tracked) if x is not None),
-                                buffers):
-                    b.copy_(s)
-
-
-def _graph_capture() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-
-
-@contextlib.contextmanager
-def _recomputation(module: nn.Module, function_modes):
-    """The recomputed forward runs under the torch-function modes of the first one (as checkpoint keeps autocast;
-    the memory estimate's AMP emulation is such a mode) and leaves BatchNorm's statistics as they were."""
-    active = set(map(id, _get_current_function_mode_stack()))
-    with contextlib.ExitStack() as stack:
-        for mode in function_modes:
-            if id(mode) not in active:
-                stack.enter_context(mode)
-        stack.enter_context(_norm_statistics_kept(module))
-        yield
-
-
-def _checkpointed_forward(module: nn.Module, forward, *args):
-    if not (module.training and torch.is_grad_enabled()) or _graph_capture():
-        return forward(*args)
-    modes = list(_get_current_function_mode_stack())
-    contexts = (lambda: (contextlib.nullcontext(), _recomputation(module, modes)))
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
 
 
 def checkpoint_targets(net: nn.Module, style: str) -> List[nn.Module]:
@@ -85,12 +44,40 @@ def _blocks(stage: nn.Module) -> List[nn.Module]:
     return [m for m in stage.children() if not isinstance(m, norms) and any(True for _ in m.parameters())]
 
 
+def _wrap(module: nn.Module, recompute) -> None:
+    forward = module.forward
+    module.forward = functools.partial(recompute, forward, module=module)
+
+
+def _outermost_regions(module: nn.Module) -> List[nn.Module]:
+    found = []
+    for child in module.children():
+        found += [child] if isinstance(child, LeanRegion) else _outermost_regions(child)
+    return found
+
+
+def apply_memory_lean(net: nn.Module, setting) -> nn.Module:
+    """Every block with a lean form takes it when ``setting`` (``MEMORY_LEAN``) says so."""
+    if not any(setting is v or (isinstance(v, str) and setting == v) for v in MEMORY_LEAN):
+        from ..errors import NetworkConfigError
+        raise NetworkConfigError(f"memory_lean={setting!r}; choose one of {', '.join(map(str, MEMORY_LEAN))} "
+                                 f"(auto: lean on a GPU, plain on a CPU)")
+    for module in net.modules():
+        if isinstance(module, LeanForm):
+            module.memory_lean = setting
+    if setting is not False:
+        for region in _outermost_regions(net):  # a region inside another is recomputed with it
+            _wrap(region, lean_region_forward)
+    net.memory_lean = setting
+    return net
+
+
 def apply_checkpointing(net: nn.Module, style: str) -> nn.Module:
     """Checkpoint ``net``'s stages or blocks (``CHECKPOINT_STYLES``); records the style on the network."""
     if style not in CHECKPOINT_STYLES:
         from ..errors import NetworkConfigError
         raise NetworkConfigError(f"checkpoint_style={style!r}; choose one of {', '.join(CHECKPOINT_STYLES)}")
     for module in checkpoint_targets(net, style):
-        module.forward = functools.partial(_checkpointed_forward, module, module.forward)
+        _wrap(module, recompute_all)
     net.checkpoint_style = style
     return net

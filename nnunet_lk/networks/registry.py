@@ -19,15 +19,15 @@ import torch.nn as nn
 
 from ..blocks.depthwise import lk_conv_op
 from ..blocks.ops import conv_for_dim, conv_dim
-from .checkpointing import apply_checkpointing
+from .checkpointing import apply_checkpointing, apply_memory_lean
 from .unet import NetworkConfigError
 
 
 # the plans' arguments every builder takes; everything else keyword-only is a backbone option
 PLANS_ARGUMENTS = ("strides", "kernel_sizes", "patch_size", "deep_supervision")
-# options every backbone has, applied to the built U skeleton rather than by the builder
-# (``checkpointing.CHECKPOINT_STYLES``: activation checkpointing trades one more forward for memory)
-SKELETON_OPTIONS = {"checkpoint_style": "off"}
+# options every backbone has, applied to the built U skeleton rather than by the builder (``networks.checkpointing``:
+# lean block forms recompute cheap operations; activation checkpointing trades one more forward for memory)
+SKELETON_OPTIONS = {"memory_lean": "auto", "checkpoint_style": "off"}
 
 
 def builder_options(builder: Callable[..., nn.Module]) -> Dict[str, object]:
@@ -117,4 +117,5 @@ def build_backbone(name: str, *, input_channels: int, num_classes: int, dim: Opt
     skeleton = {k: config.pop(k) for k in SKELETON_OPTIONS}
     net = spec.builder(conv_op, input_channels, num_classes, strides=strides, kernel_sizes=kernel_sizes,
                        patch_size=patch_size, deep_supervision=deep_supervision, **config)
+    apply_memory_lean(net, skeleton["memory_lean"])
     return apply_checkpointing(net, skeleton["checkpoint_style"])

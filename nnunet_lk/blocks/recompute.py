@@ -1,0 +1,172 @@
+"""Recomputation for memory: what a block keeps for backward, and what it computes again.
+
+``recompute_cheap(fn, *inputs, module=m)`` runs ``fn`` so that backward finds the outputs of its dense operations
+(convolutions with one group, matrix products, attention) kept as usual, and recomputes everything else from the
+inputs: depthwise and grouped convolutions, norms, activations, element-wise products, concatenations. Those are
+a small share of the compute and most of a light network's activation memory. Outputs and gradients are the
+same as running ``fn`` plainly (torch's selective activation checkpointing; tests/test_recompute.py).
+
+``recompute_all(fn, *inputs, module=m)`` keeps only the inputs and recomputes the whole of ``fn`` (plain
+activation checkpointing).
+
+Either way BatchNorm's running statistics advance once per step, as without recomputation: the recomputed forward
+restores them. Recomputation runs only in training mode with gradients enabled; evaluation, export and tracing run
+``fn`` plainly.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+import torch.nn as nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+_CONVOLUTIONS = {_aten.convolution.default, _aten._convolution.default, _aten.convolution_overrideable.default}
+_PRODUCTS = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten.baddbmm.default,
+             _aten._scaled_dot_product_flash_attention_for_cpu.default,
+             _aten._scaled_dot_product_flash_attention.default,
+             _aten._scaled_dot_product_efficient_attention.default,
+             _aten._scaled_dot_product_cudnn_attention.default}
+# a dense product of an input this small costs nothing to keep or to recompute; recomputing it also lets a block
+# apply an in-place activation to it (a kept output must not change)
+_SMALL = 1 << 16
+
+
+def keep_dense_outputs(_ctx, op, *args, **kwargs):
+    """The selective-checkpointing policy: keep the outputs of dense convolutions and products (of inputs of at
+    least ``_SMALL``), recompute the rest. Convolution's last argument is its number of groups."""
+    dense = op in _PRODUCTS or (op in _CONVOLUTIONS and int(args[8]) == 1)
+    large = isinstance(args[0], torch.Tensor) and args[0].numel() >= _SMALL
+    return CheckpointPolicy.MUST_SAVE if dense and large else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _Marks(threading.local):
+    depth = 0
+
+
+_marks = _Marks()
+
+
+@contextlib.contextmanager
+def kept():
+    """Inside a ``recompute_cheap(..., policy=keep_marked_outputs)`` region: the outputs of the operations run in
+    this block are kept for backward, and nothing else is (a block that knows which outputs backward needs)."""
+    _marks.depth += 1
+    try:
+        yield
+    finally:
+        _marks.depth -= 1
+
+
+def keep_marked_outputs(_ctx, op, *args, **kwargs):
+    """The policy for blocks that mark what to keep with ``kept()``."""
+    return CheckpointPolicy.MUST_SAVE if _marks.depth else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def norm_statistics_kept(module: nn.Module):
+    """Undo what a recomputed forward does to BatchNorm's running statistics."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    with torch.no_grad():
+        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+                 for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for b, s in zip((x for x in (m.running_mean, m.running_var, m.num_batches_tracked) if x is not None),
+                                buffers):
+                    b.copy_(s)
+
+
+def graph_capture() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+def recomputation_applies(module: nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled() and not graph_capture()
+
+
+@contextlib.contextmanager
+def _recomputation(module: nn.Module, function_modes, inner=contextlib.nullcontext()):
+    """The recomputed forward runs under the torch-function modes of the first one (as checkpoint keeps autocast;
+    the memory estimate's AMP emulation is such a mode) and leaves BatchNorm's statistics as they were."""
+    active = set(map(id, _get_current_function_mode_stack()))
+    with contextlib.ExitStack() as stack:
+        for mode in function_modes:
+            if id(mode) not in active:
+                stack.enter_context(mode)
+        stack.enter_context(norm_statistics_kept(module))  # before ``inner``: its clones are not recomputed ops
+        stack.enter_context(inner)
+        yield
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ``memory_lean``: True, False, or "auto": lean on an accelerator (where memory is short and a compiled graph
+# recomputes at no extra dispatch cost), plain on a CPU (where memory is ample and eager recomputation costs
+# 1.2-1.5x per training step); the meta device, the memory estimate's, counts as an accelerator
+MEMORY_LEAN = ("auto", True, False)
+
+
+class LeanForm:
+    """A block with a memory-lean form: the same outputs and gradients from less memory kept for backward
+    (the backbones' ``memory_lean`` option sets ``memory_lean`` on every such block)."""
+    memory_lean = False
+
+
+def lean_applies(module: nn.Module, *inputs) -> bool:
+    """Whether ``module`` (a ``LeanForm``) runs its lean form on ``inputs`` now."""
+    setting = getattr(module, "memory_lean", False)
+    if setting is False or not recomputation_applies(module):
+        return False
+    return setting is True or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in inputs)
+
+
+class LeanRegion(LeanForm):
+    """A block whose lean form is its whole forward under ``recompute_cheap`` (applied by the U skeleton)."""
+
+
+def recompute_all(fn, *inputs, module: nn.Module):
+    """``fn(*inputs)`` keeping only its inputs for backward (``module``: whose norms ``fn`` runs)."""
+    if not recomputation_applies(module):
+        return fn(*inputs)
+    modes = list(_get_current_function_mode_stack())
+    contexts = (lambda: (contextlib.nullcontext(), _recomputation(module, modes)))
+    return checkpoint(fn, *inputs, use_reentrant=False, context_fn=contexts)
+
+
+def recompute_cheap(fn, *inputs, module: nn.Module, policy=keep_dense_outputs):
+    """``fn(*inputs)`` keeping its inputs and the outputs ``policy`` chooses (by default: its dense ones) for backward,
+    recomputing the rest."""
+    if not recomputation_applies(module):
+        return fn(*inputs)
+    return _selective(fn, *inputs, module=module, policy=policy)
+
+
+def lean_region_forward(forward, *inputs, module: nn.Module):
+    """A ``LeanRegion``'s forward: under ``recompute_cheap`` where its lean form applies."""
+    if not lean_applies(module, *inputs):
+        return forward(*inputs)
+    return _selective(forward, *inputs, module=module)
+
+
+def _selective(fn, *inputs, module: nn.Module, policy=keep_dense_outputs):
+    if _compiling():
+        # compiled, the partitioner applies the policy to a functional graph (statistics advance once anyway), where
+        # no block marks its operations: the dense outputs are kept
+        return checkpoint(fn, *inputs, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, keep_dense_outputs))
+    modes = list(_get_current_function_mode_stack())
+
+    def contexts():
+        keep, recompute = create_selective_checkpoint_contexts(policy)
+        return keep, _recomputation(module, modes, recompute)
+    return checkpoint(fn, *inputs, use_reentrant=False, context_fn=contexts)
