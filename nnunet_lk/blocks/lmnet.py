@@ -9,12 +9,10 @@ form uses 3D neighbourhood windows, a 5³ + 3³ + three axial-3 re-parameterised
 the plans' per-axis strides, with the kernel anisotropy rule (§5.1) applied to every spatial kernel.
 
 Neighbourhood attention is implemented in pure PyTorch (the official code needs the CUDA-only
-``natten``), with natten's semantics: each query attends to exactly k keys per axis, windows shift
-inwards at the borders (no zero padding), relative-position bias indexed by key - query + k - 1.
+``natten``), with natten's semantics (``blocks.neighborhood``).
 """
 from __future__ import annotations
 
-import itertools
 from typing import List, Optional, Sequence
 
 import torch
@@ -25,6 +23,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..errors import NetworkConfigError
 from .ops import (adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, linear_interpolation_mode,
                   pointwise_conv, same_padding)
+from .neighborhood import neighborhood_attention, streaming_neighborhood_attention
 from .recompute import LeanForm, LeanRegion, keep_marked_outputs, kept, lean_applies, recompute_all, recompute_cheap
 from .reparam import ReparamDepthwise
 
@@ -155,55 +154,14 @@ class TransformerMlp(nn.Sequential):
                          nn.Linear(hidden, channels), nn.Dropout(dropout))
 
 
-def _iter_windows(t: torch.Tensor, indices: Sequence[Sequence[torch.Tensor]], first_axis: int, axis: int = 0):
-    """Yield, for every window offset (last axis fastest, like itertools.product), ``t`` gathered so
-    that position i holds the key that offset picks for query i. Depth-first, so only one gathered
-    copy per axis is alive; the first axes' gathers are shared by all offsets of the later axes."""
-    if axis == len(indices):
-        yield t
-        return
-    for idx in indices[axis]:
-        yield from _iter_windows(t.index_select(first_axis + axis, idx), indices, first_axis, axis + 1)
-
-
-def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
-                           rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Neighbourhood attention core. q (already scaled), k, v: (B, heads, head_dim, *spatial).
-
-    Along an axis of length L with kernel k the window of query i starts at
-    ``clamp(i - k//2, 0, L - k)`` (windows shift inwards at the borders, no padding), so every query
-    sees exactly k keys per axis. ``rpb``: (heads, 2k-1, ...) indexed by key - query + k - 1.
-    [ASSUMED] an axis shorter than its kernel uses the whole axis as window (natten refuses it).
-    Loops over the k^d window offsets so memory is O(k^d · heads · voxels), never O(voxels²).
-    """
-    spatial = q.shape[3:]
-    key_index, rel_index = [], []
-    for length, kk in zip(spatial, kernel):
-        window = min(kk, length)
-        pos = torch.arange(length, device=q.device)
-        start = (pos - kk // 2).clamp(0, length - window)
-        key_index.append([start + j for j in range(window)])
-        rel_index.append([start + j - pos + kk - 1 for j in range(window)])
-    biases = _iter_windows(rpb, rel_index, 1) if rpb is not None else itertools.repeat(None)
-    logits = []
-    for kj, bias in zip(_iter_windows(k, key_index, 3), biases):
-        logit = (q * kj).sum(2)  # (B, heads, *S)
-        logits.append(logit if bias is None else logit + bias)
-    # unbind, not attn[n]: each indexing's backward would zero-fill a gradient the size of all k^d weights
-    weights = torch.stack(logits, dim=0).softmax(dim=0).unbind(0)
-    out = 0
-    for weight, vj in zip(weights, _iter_windows(v, key_index, 3)):
-        out = out + weight.unsqueeze(2) * vj
-    return out
-
-
-class NeighborhoodAttention(nn.Module):
+class NeighborhoodAttention(LeanForm, nn.Module):
     """natten's NeighborhoodAttention{2,3}D on channels-last input (B, *spatial, C): qkv Linear(C -> 3C),
     scaled q, k^d neighbourhood with relative-position bias (heads × (2k-1)^d, trunc-normal 0.02),
     softmax, proj Linear(C -> C); no dropout.
 
     ``checkpoint``: in training, recompute the attention core in backward instead of storing its
-    k^d gathered keys and values and k^d logits and weights per head (only q, k, v are kept)."""
+    k^d gathered keys and values and k^d logits and weights per head (only q, k, v are kept).
+    Lean form: the streaming core (``blocks.neighborhood``), whose memory does not grow with the window."""
 
     def __init__(self, dim: int, channels: int, heads: int, kernel=3, rel_pos_bias: bool = True,
                  checkpoint: bool = True):
@@ -236,7 +194,9 @@ class NeighborhoodAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.heads, self.head_dim)
         qkv = qkv.permute(self.dim + 1, 0, self.dim + 2, self.dim + 3, *range(1, self.dim + 1))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, heads, d, *S)
-        if self.checkpoint and self.training and torch.is_grad_enabled():
+        if lean_applies(self, x):
+            out = streaming_neighborhood_attention(q, k, v, self.kernel, self.rpb)
+        elif self.checkpoint and self.training and torch.is_grad_enabled():
             out = activation_checkpoint(neighborhood_attention, q, k, v, self.kernel, self.rpb, use_reentrant=False)
         else:
             out = neighborhood_attention(q, k, v, self.kernel, self.rpb)

@@ -130,14 +130,36 @@ def lean_applies(module: nn.Module, *inputs) -> bool:
     return setting is True or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in inputs)
 
 
+class _RegionDepth(threading.local):
+    depth = 0
+
+
+_regions = _RegionDepth()
+
+
 class LeanRegion(LeanForm):
-    """A block whose lean form is its whole forward under ``recompute_cheap`` (applied by the U skeleton)."""
+    """A block whose lean form is its whole call under ``recompute_cheap``. A region inside another runs plainly:
+    the outer one recomputes it (in its first forward and in its recomputation alike, so both save the same)."""
+
+    def __call__(self, *inputs, **kwargs):
+        if kwargs or _regions.depth or not lean_applies(self, *inputs):
+            return super().__call__(*inputs, **kwargs)
+        return _selective(self._region_call, *inputs, module=self)
+
+    def _region_call(self, *inputs):
+        _regions.depth += 1
+        try:
+            return super().__call__(*inputs)
+        finally:
+            _regions.depth -= 1
 
 
 def recompute_all(fn, *inputs, module: nn.Module):
     """``fn(*inputs)`` keeping only its inputs for backward (``module``: whose norms ``fn`` runs)."""
     if not recomputation_applies(module):
         return fn(*inputs)
+    if _compiling():  # a functional graph: statistics advance once anyway
+        return checkpoint(fn, *inputs, use_reentrant=False)
     modes = list(_get_current_function_mode_stack())
     contexts = (lambda: (contextlib.nullcontext(), _recomputation(module, modes)))
     return checkpoint(fn, *inputs, use_reentrant=False, context_fn=contexts)
@@ -149,13 +171,6 @@ def recompute_cheap(fn, *inputs, module: nn.Module, policy=keep_dense_outputs):
     if not recomputation_applies(module):
         return fn(*inputs)
     return _selective(fn, *inputs, module=module, policy=policy)
-
-
-def lean_region_forward(forward, *inputs, module: nn.Module):
-    """A ``LeanRegion``'s forward: under ``recompute_cheap`` where its lean form applies."""
-    if not lean_applies(module, *inputs):
-        return forward(*inputs)
-    return _selective(forward, *inputs, module=module)
 
 
 def _selective(fn, *inputs, module: nn.Module, policy=keep_dense_outputs):

@@ -13,17 +13,17 @@ forward again during backward, about one more forward per step:
 - ``blocks``: every module with weights one level inside a stage (its blocks, convolutions, up-sampling; not
   its norms): finer, so that the peak during backward is one block's activations, not one stage's.
 
-Applied by wrapping ``forward`` on the instance and setting flags: parameters, buffers and state-dict keys do not
-change, so checkpoints load either way.
+Applied by setting flags, and for checkpointing by a ``forward`` bound to the instance (a deep copy binds it to the
+copy): parameters, buffers and state-dict keys do not change, so checkpoints load either way.
 """
 from __future__ import annotations
 
-import functools
+import types
 from typing import List
 
 import torch.nn as nn
 
-from ..blocks.recompute import MEMORY_LEAN, LeanForm, LeanRegion, lean_region_forward, recompute_all
+from ..blocks.recompute import MEMORY_LEAN, LeanForm, recompute_all
 
 CHECKPOINT_STYLES = ("off", "stages", "blocks")
 
@@ -44,16 +44,8 @@ def _blocks(stage: nn.Module) -> List[nn.Module]:
     return [m for m in stage.children() if not isinstance(m, norms) and any(True for _ in m.parameters())]
 
 
-def _wrap(module: nn.Module, recompute) -> None:
-    forward = module.forward
-    module.forward = functools.partial(recompute, forward, module=module)
-
-
-def _outermost_regions(module: nn.Module) -> List[nn.Module]:
-    found = []
-    for child in module.children():
-        found += [child] if isinstance(child, LeanRegion) else _outermost_regions(child)
-    return found
+def _checkpointed_forward(self: nn.Module, *inputs):
+    return recompute_all(type(self).forward.__get__(self), *inputs, module=self)
 
 
 def apply_memory_lean(net: nn.Module, setting) -> nn.Module:
@@ -65,9 +57,6 @@ def apply_memory_lean(net: nn.Module, setting) -> nn.Module:
     for module in net.modules():
         if isinstance(module, LeanForm):
             module.memory_lean = setting
-    if setting is not False:
-        for region in _outermost_regions(net):  # a region inside another is recomputed with it
-            _wrap(region, lean_region_forward)
     net.memory_lean = setting
     return net
 
@@ -78,6 +67,6 @@ def apply_checkpointing(net: nn.Module, style: str) -> nn.Module:
         from ..errors import NetworkConfigError
         raise NetworkConfigError(f"checkpoint_style={style!r}; choose one of {', '.join(CHECKPOINT_STYLES)}")
     for module in checkpoint_targets(net, style):
-        _wrap(module, recompute_all)
+        module.forward = types.MethodType(_checkpointed_forward, module)
     net.checkpoint_style = style
     return net
