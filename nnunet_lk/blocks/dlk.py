@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .ops import (anisotropic_dilation, anisotropic_kernel, as_tuple, conv_dim, conv_transpose_op,
                   depthwise_conv, make_norm, pointwise_conv)
-from .recompute import LeanForm, lean_applies, recompute_cheap
+from .recompute import LeanForm, lean_applies, recompute_all, recompute_cheap
 
 
 class DepthwiseSeparableConv(nn.Module):
@@ -62,7 +62,8 @@ class EBlock(LeanForm, nn.Module):
     Params with BN: 10·cin + cin·cout + 2·cout² + 93·cout (2D).
 
     Lean form: three recomputed pieces that each start from a pointwise conv's output (what backward keeps
-    anyway), so the depthwise convs, norms, ReLUs and the gate's product are recomputed one piece at a time."""
+    anyway), so the depthwise convs, norms and ReLUs are recomputed one piece at a time; the last piece, the gate,
+    is recomputed whole (its pointwise conv too: the gate a is one more map of the block's width to keep)."""
 
     def __init__(self, conv_op, cin: int, cout: int, norm: str = "batch",
                  plan_kernel: Sequence[int] | None = None, gate_init: str = DEFAULT_GATE_INIT):
@@ -85,7 +86,7 @@ class EBlock(LeanForm, nn.Module):
         """The block with ``first(*inputs)`` in place of ``conv1(x)``, in the lean form."""
         y = recompute_cheap(first, *inputs, module=self.conv1)
         y = recompute_cheap(self._second, y, module=self.norm1)
-        return recompute_cheap(self._gate, y, module=self.norm2)
+        return recompute_all(self._gate, y, module=self.norm2)
 
     def _second(self, y):
         return self.conv2(self.act(self.norm1(y)))
