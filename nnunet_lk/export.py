@@ -301,7 +301,8 @@ def export_model_folder(results_folder: str, fold, output: str, checkpoint_name:
     strides = cm.network_arch_init_kwargs.get("strides") if cm.network_arch_init_kwargs else None
     multiple = size_multiple(loaded.network, strides, len(cm.patch_size))
     log(f"exporting {loaded.trainer_name} ({loaded.configuration}, fold {fold_name}) from {loaded.checkpoint_path}; "
-        f"traced on sizes multiple of {list(multiple)}")
+        f"traced on sizes multiple of {list(multiple)} (what this network pads its input to at these plans' depth; "
+        f"inputs of any size are padded to it)")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     dynamic_batch = export_network(loaded.network, output, loaded.num_input_channels, multiple, cm.patch_size,
                                    opset, log=log)

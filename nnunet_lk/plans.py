@@ -151,3 +151,23 @@ def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size
             merged.setdefault(backbone, {}).update(opts)
         target[OPTIONS_KEY] = merged
     return derived
+
+
+# what of a configuration's ``architecture.arch_kwargs`` our backbones read: the strides and (for the anisotropy
+# rule) the kernel sizes; the rest describes nnU-Net's own network, which the backbone replaces
+ARCH_KWARGS_USED = ("strides", "kernel_sizes")
+
+
+def plans_use(configuration_manager, backbone: str, network, device_type: str) -> str:
+    """One log line: which plans fields a backbone trains with, which it ignores, and its memory options in effect."""
+    arch = configuration_manager.configuration.get("architecture", {})
+    replaced = str(arch.get("network_class_name", "nnU-Net's network")).rsplit(".", 1)[-1]
+    ignored = sorted(k for k in arch.get("arch_kwargs", {}) if k not in ARCH_KWARGS_USED)
+    lean = getattr(network, "memory_lean", False)
+    lean_on = lean is True or (lean == "auto" and device_type != "cpu")
+    return (f"nnunet-lk: {backbone} replaces these plans' {replaced}. It uses their patch_size "
+            f"{list(configuration_manager.patch_size)}, batch_size {configuration_manager.batch_size}, "
+            f"{', '.join(ARCH_KWARGS_USED)} (architecture.arch_kwargs), normalisation and resampling; it ignores "
+            f"the other arch_kwargs ({', '.join(ignored) or 'none'}). Memory: memory_lean={lean!r}: lean forms "
+            f"{'on' if lean_on else 'off'} ({device_type}); checkpoint_style="
+            f"{getattr(network, 'checkpoint_style', 'off')!r}.")

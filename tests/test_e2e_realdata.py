@@ -76,6 +76,14 @@ def test_killed_training_resumes_with_the_exact_schedule(trained_fold):
         assert (dice, ce) == pytest.approx((expected.dice, expected.ce), abs=1e-4)
 
 
+def test_the_training_log_says_what_the_backbone_takes_from_the_plans(trained_fold):
+    fold = trained_fold(LMNET)
+    log = "".join(p.read_text() for p in fold.fold.glob("training_log_*.txt"))
+    assert "nnunet-lk: lmnet replaces these plans' PlainConvUNet. It uses their patch_size" in log
+    assert "ignores the other arch_kwargs (conv_bias, conv_op," in log
+    assert "memory_lean='auto': lean forms off (cpu); checkpoint_style='off'" in log
+
+
 @pytest.mark.parametrize("spec", [pytest.param(r, id=r.id) for r in (LMNET, MSLKSEG)])
 def test_stock_predictor_runs_the_fused_kernels(trained_fold, spec):
     fold = trained_fold(spec)

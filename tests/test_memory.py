@@ -109,6 +109,37 @@ def test_default_target_is_stock_nnunets_estimate_and_batch_follows_nnunets_caps
     assert capped.batch_size == round(float(torch.tensor(median).prod()) * 20 * 0.05 / (56 * 40)) < 81
 
 
+def _residual_encoder_plans(plans):
+    """The fixture's 2d configuration as nnU-Net's residual-encoder planner (nnUNetPlannerResEncM) writes it."""
+    plans = json.loads(json.dumps(plans))
+    plans["experiment_planner_used"], plans["plans_name"] = "nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"
+    arch = plans["configurations"]["2d"]["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kwargs = arch["arch_kwargs"]
+    kwargs["n_blocks_per_stage"] = [1, 3, 4, 6][:kwargs.pop("n_conv_per_stage") and kwargs["n_stages"]]
+    kwargs["n_conv_per_stage_decoder"] = [1] * (kwargs["n_stages"] - 1)
+    return plans
+
+
+def test_residual_encoder_plans_are_planned_with_their_network_and_their_batch_rule(hippocampus_plans,
+                                                                                  hippocampus_dataset_json):
+    from nnunet_lk.memory.planner import stock_target
+    resenc = _residual_encoder_plans(hippocampus_plans)
+    # the target is nnU-Net's own network of these plans: the residual encoder, more blocks than the plain U-Net
+    assert stock_target(resenc, hippocampus_dataset_json, "2d") > stock_target(hippocampus_plans,
+                                                                             hippocampus_dataset_json, "2d")
+    trainer = resolve_trainer("nnUNetTrainerLGMSNet")
+    plan = plan_for_memory(trainer, resenc, hippocampus_dataset_json, "2d", "x")
+    assert "ResidualEncoderUNet, 81 x [56, 40]" in plan.target_source and plan.estimate.total <= plan.target_bytes
+    # the default planner caps a batch at 5% of the dataset's voxels; the residual-encoder planners do not
+    median = hippocampus_plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"]
+    small_dataset = {**hippocampus_dataset_json, "numTraining": 20}
+    capped = plan_for_memory(trainer, hippocampus_plans, small_dataset, "2d", "x", gpu_memory_gb=16)
+    uncapped = plan_for_memory(trainer, resenc, small_dataset, "2d", "x", gpu_memory_gb=16)
+    assert capped.batch_size == round(float(torch.tensor(median).prod()) * 20 * 0.05 / (56 * 40))
+    assert uncapped.batch_size > 10 * capped.batch_size
+
+
 def test_memory_warning_names_the_estimate_free_memory_and_the_plans_command(hippocampus_plans,
                                                                            hippocampus_dataset_json):
     trainer = resolve_trainer("nnUNetTrainerDLKUNetM")

@@ -143,3 +143,21 @@ def test_presets_ship_and_apply(hippocampus_plans):
     assert derived["configurations"]["3d_fullres"]["nnunet_lk"]["dlkunet_m"]["norm"] == "instance"
     with pytest.raises(NetworkConfigError, match="unknown plans preset"):
         load_preset("no_such_preset")
+
+
+def test_plans_use_names_what_a_backbone_takes_and_replaces(hippocampus_plans, hippocampus_dataset_json):
+    from nnunet_lk.bench import plans_context
+    from nnunet_lk.networks.registry import build_backbone
+    from nnunet_lk.plans import plans_use
+    config = hippocampus_plans["configurations"]["2d"]
+    config["architecture"]["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    config["architecture"]["arch_kwargs"]["n_blocks_per_stage"] = config["architecture"]["arch_kwargs"].pop(
+        "n_conv_per_stage")
+    _pm, cm, _n_in, _n_out = plans_context(hippocampus_plans, hippocampus_dataset_json, "2d")
+    net = build_backbone("lgmsnet", dim=2, input_channels=1, num_classes=3)
+    line = plans_use(cm, "lgmsnet", net, "cuda")
+    assert line.startswith("nnunet-lk: lgmsnet replaces these plans' ResidualEncoderUNet. It uses their patch_size "
+                           "[56, 40], batch_size 81, strides, kernel_sizes")
+    assert "n_blocks_per_stage" in line and "features_per_stage" in line and "strides," not in line.split("ignores")[1]
+    assert "memory_lean='auto': lean forms on (cuda); checkpoint_style='off'" in line
+    assert "lean forms off (cpu)" in plans_use(cm, "lgmsnet", net, "cpu")

@@ -4,7 +4,8 @@ nnU-Net's own rule for its network (``ExperimentPlanner.get_plans_for_configurat
 - while the estimate at the minimum batch (2) exceeds the target, shrink the axis whose size most exceeds the
   median image shape's proportions by that axis's total stride, re-planning the topology each time (nnU-Net's
   ``get_pool_and_conv_props``, via ``plans.derive_plans``);
-- then take the largest batch that fits, at least 2, and at most what covers 5% of the dataset's voxels.
+- then take the largest batch that fits, at least 2, and at most what covers the planner's share of the dataset's
+  voxels (5% for nnU-Net's default planner; the residual-encoder planners set no cap: 100%).
 
 The target is ``--gpu-memory`` GB (the estimate is kept under ``HEADROOM`` of it: CUDA's context, cuDNN
 workspaces and allocator fragmentation are not tensors), or by default what nnU-Net planned for: stock
@@ -26,6 +27,8 @@ from .tracker import MiB
 HEADROOM = 0.85       # the estimate may use this share of --gpu-memory
 MIN_BATCH = 2         # nnU-Net's minimum batch size
 MAX_DATASET_SHARE = 0.05  # nnU-Net caps a batch at 5% of the dataset's voxels
+# planners that set another share (``max_dataset_covered`` in their __init__), by the name plans record them under
+DATASET_SHARE_BY_PLANNER = {"nnUNetPlannerResEncM": 1.0, "nnUNetPlannerResEncL": 1.0, "nnUNetPlannerResEncXL": 1.0}
 _MAX_SHRINK_STEPS = 200
 
 
@@ -57,6 +60,11 @@ def _axis_to_shrink(patch: List[int], median_shape: List[float]) -> int:
     return int(np.argsort([p / m for p, m in zip(patch, median_shape)])[-1])
 
 
+def dataset_share(plans: dict) -> float:
+    """The share of the dataset's voxels a batch may cover, by the planner that wrote ``plans``."""
+    return DATASET_SHARE_BY_PLANNER.get(str(plans.get("experiment_planner_used", "")), MAX_DATASET_SHARE)
+
+
 def plan_for_memory(trainer_cls, plans: dict, dataset_json: dict, configuration: str, plans_name: str, *,
                     gpu_memory_gb: Optional[float] = None, amp: bool = True,
                     log: Callable[[str], None] = lambda m: None) -> MemoryPlan:
@@ -70,13 +78,15 @@ def plan_for_memory(trainer_cls, plans: dict, dataset_json: dict, configuration:
         source = f"{HEADROOM:.0%} of {gpu_memory_gb:g} GB"
     else:
         target = stock_target(plans, dataset_json, configuration, amp)
-        source = f"stock nnU-Net's estimate at the original plans ({original_batch} x {original_patch})"
+        network = str(config.get("architecture", {}).get("network_class_name", "")).rsplit(".", 1)[-1] or "its network"
+        source = (f"stock nnU-Net's estimate at the original plans ({network}, {original_batch} x {original_patch})")
     spacing = [float(s) for s in config["spacing"]]
     median = [float(m) for m in config.get("median_image_size_in_voxels", original_patch)]
     # nnU-Net counts the dataset's voxels in 3D for every configuration: the full-resolution median shape
     full = plans.get("configurations", {}).get("3d_fullres", {}).get("median_image_size_in_voxels")
     volume = full or plans.get("original_median_shape_after_transp") or median
     n_cases = int(dataset_json.get("numTraining", 0)) or 1
+    share = dataset_share(plans)
     dataset_voxels = float(np.prod(volume, dtype=np.float64) * n_cases)
 
     cache: Dict[tuple, MemoryEstimate] = {}
@@ -115,10 +125,14 @@ def plan_for_memory(trainer_cls, plans: dict, dataset_json: dict, configuration:
     two, three = estimate(patch, MIN_BATCH), estimate(patch, MIN_BATCH + 1)
     per_sample = max(three.total - two.total, 1)
     batch = MIN_BATCH + int((target - two.total) // per_sample)
-    cap = max(MIN_BATCH, int(round(dataset_voxels * MAX_DATASET_SHARE / float(np.prod(patch, dtype=np.float64)))))
+    cap = max(MIN_BATCH, int(round(dataset_voxels * share / float(np.prod(patch, dtype=np.float64)))))
     batch = max(MIN_BATCH, min(batch, cap))
-    while batch > MIN_BATCH and estimate(patch, batch).total > target:
-        batch -= 1
+    if estimate(patch, batch).total > target:  # the affine guess overshot: the largest batch that fits, by bisection
+        fits, over = MIN_BATCH, batch
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            fits, over = (middle, over) if estimate(patch, middle).total <= target else (fits, middle)
+        batch = fits
     final = estimate(patch, batch)
     derived = derive_plans(plans, configuration, plans_name, patch_size=patch if patch != original_patch else None,
                            batch_size=batch)

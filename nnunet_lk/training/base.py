@@ -30,7 +30,7 @@ from ..losses.schedules import get_schedule, progress
 from ..networks import build_backbone, get_backbone
 from ..errors import NetworkConfigError, UsageError
 from ..nnunet_io import read_checkpoint
-from ..plans import backbone_options, configuration_strides, validate_configuration
+from ..plans import backbone_options, configuration_strides, plans_use, validate_configuration
 from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
 
 # Short-budget knobs read by every nnunet-lk trainer (nnU-Net's own idiom is a class per budget,
@@ -154,7 +154,9 @@ class nnUNetTrainerLK(nnUNetTrainer):
     def on_train_start(self):
         if self.device.type == "cuda" and self.local_rank == 0:
             self._warn_if_memory_short()
-        super().on_train_start()
+        super().on_train_start()  # initialises the network
+        self.print_to_log_file(plans_use(self.configuration_manager, self.backbone, unwrap_network(self.network),
+                                         self.device.type))
 
     def _warn_if_memory_short(self) -> None:
         """Before anything is allocated: the estimate against the GPU's free memory, and plans that fit."""
