@@ -67,7 +67,8 @@ class DynamicConv(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
         if num_kernels > 1:
             hidden = max(cin // reduction, min_hidden)
-            self.attention = nn.Sequential(nn.Linear(cin, hidden, bias=False), nn.ReLU(inplace=True),
+            # not in place: the lean form keeps the Linear's output for backward
+            self.attention = nn.Sequential(nn.Linear(cin, hidden, bias=False), nn.ReLU(),
                                            nn.Linear(hidden, num_kernels))
         else:
             self.attention = None

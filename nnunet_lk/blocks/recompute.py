@@ -31,17 +31,11 @@ _PRODUCTS = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten.bad
              _aten._scaled_dot_product_flash_attention.default,
              _aten._scaled_dot_product_efficient_attention.default,
              _aten._scaled_dot_product_cudnn_attention.default}
-# a dense product of an input this small costs nothing to keep or to recompute; recomputing it also lets a block
-# apply an in-place activation to it (a kept output must not change)
-_SMALL = 1 << 16
-
-
 def keep_dense_outputs(_ctx, op, *args, **kwargs):
-    """The selective-checkpointing policy: keep the outputs of dense convolutions and products (of inputs of at
-    least ``_SMALL``), recompute the rest. Convolution's last argument is its number of groups."""
+    """The selective-checkpointing policy: keep the outputs of dense convolutions and products, recompute the rest
+    (a kept output must not be changed in place afterwards). Convolution's ninth argument is its number of groups."""
     dense = op in _PRODUCTS or (op in _CONVOLUTIONS and int(args[8]) == 1)
-    large = isinstance(args[0], torch.Tensor) and args[0].numel() >= _SMALL
-    return CheckpointPolicy.MUST_SAVE if dense and large else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if dense else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class _Marks(threading.local):
