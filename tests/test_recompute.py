@@ -33,7 +33,7 @@ class ConvCounter(TorchDispatchMode):
 class Unit(LeanRegion, nn.Module):
     """depthwise → BN → ReLU → pointwise → depthwise: two cheap convs around a dense one."""
 
-    def __init__(self, channels=8):
+    def __init__(self, channels=32):  # the pointwise conv's 32 multiply-accumulates per output: kept
         super().__init__()
         self.dw1 = depthwise_conv(nn.Conv2d, channels, 5)
         self.norm = nn.BatchNorm2d(channels)
@@ -51,15 +51,20 @@ def _backward_convolutions(run, x):
     return counter
 
 
-def test_recompute_cheap_recomputes_grouped_convolutions_and_keeps_dense_outputs():
+def test_recompute_cheap_recomputes_grouped_convolutions_and_keeps_dense_outputs(monkeypatch):
     unit = Unit().train()
-    x = torch.randn(4, 8, 64, 64, requires_grad=True)  # above the size below which everything is recomputed
+    x = torch.randn(4, 32, 64, 64, requires_grad=True)
     plain = _backward_convolutions(unit, x)
     cheap = _backward_convolutions(lambda t: recompute_cheap(unit, t, module=unit), x)
     everything = _backward_convolutions(lambda t: recompute_all(unit, t, module=unit), x)
     assert (plain.dense, plain.grouped) == (0, 0)
     assert (cheap.dense, cheap.grouped) == (0, 1)  # dw1 again (for the norm), not the pointwise conv
     assert (everything.dense, everything.grouped) == (1, 1)  # up to dw2, whose output backward never needs
+    # a pointwise conv of fewer input channels than MIN_KEPT_REDUCTION is recomputed too
+    from nnunet_lk.blocks import recompute
+    monkeypatch.setattr(recompute, "MIN_KEPT_REDUCTION", 33)
+    narrow = _backward_convolutions(lambda t: recompute_cheap(unit, t, module=unit), x)
+    assert (narrow.dense, narrow.grouped) == (1, 1)
 
 
 def test_recompute_cheap_computes_the_same_outputs_gradients_and_statistics_in_float32():
@@ -67,8 +72,8 @@ def test_recompute_cheap_computes_the_same_outputs_gradients_and_statistics_in_f
     torch.manual_seed(0)
     plain, lean = Unit().train(), Unit().train()
     lean.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 8, 64, 64)
-    assert depthwise.fast_path_applies(x, plain.dw1.weight, plain.dw1.bias, (2, 2), 8)
+    x = torch.randn(4, 32, 64, 64)
+    assert depthwise.fast_path_applies(x, plain.dw1.weight, plain.dw1.bias, (2, 2), 32)
     results = []
     for unit, run in ((plain, plain), (lean, lambda t: recompute_cheap(lean, t, module=lean))):
         xi = x.clone().requires_grad_()
@@ -87,13 +92,14 @@ def test_recompute_cheap_computes_the_same_outputs_gradients_and_statistics_in_f
 def test_auto_is_lean_on_an_accelerator_and_plain_on_a_cpu():
     unit = Unit().train()
     unit.memory_lean = "auto"
-    assert lean_applies(unit, torch.empty(1, 8, 4, 4, device="meta"))
-    assert not lean_applies(unit, torch.empty(1, 8, 4, 4))
+    x = torch.empty(1, 32, 4, 4)
+    assert lean_applies(unit, x.to("meta"))
+    assert not lean_applies(unit, x)
     unit.memory_lean = True
-    assert lean_applies(unit, torch.empty(1, 8, 4, 4))
-    assert not lean_applies(unit.eval(), torch.empty(1, 8, 4, 4))  # evaluation runs the plain forward
+    assert lean_applies(unit, x)
+    assert not lean_applies(unit.eval(), x)  # evaluation runs the plain forward
     with torch.no_grad():
-        assert not lean_applies(unit.train(), torch.empty(1, 8, 4, 4))
+        assert not lean_applies(unit.train(), x)
 
 
 def _outermost_regions(module):

@@ -1,9 +1,10 @@
 """Recomputation for memory: what a block keeps for backward, and what it computes again.
 
 ``recompute_cheap(fn, *inputs, module=m)`` runs ``fn`` so that backward finds the outputs of its dense operations
-(convolutions with one group, matrix products, attention) kept as usual, and recomputes everything else from the
-inputs: depthwise and grouped convolutions, norms, activations, element-wise products, concatenations. Those are
-a small share of the compute and most of a light network's activation memory. Outputs and gradients are the
+(convolutions with one group, matrix products, attention; at least ``MIN_KEPT_REDUCTION`` multiply-accumulates per
+output element) kept as usual, and recomputes everything else from the inputs: depthwise and grouped convolutions,
+narrow projections, norms, activations, element-wise products, concatenations. Those are a small share of the
+compute and most of a light network's activation memory. Outputs and gradients are the
 same as running ``fn`` plainly (torch's selective activation checkpointing; tests/test_recompute.py).
 
 ``recompute_all(fn, *inputs, module=m)`` keeps only the inputs and recomputes the whole of ``fn`` (plain
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -31,11 +33,37 @@ _PRODUCTS = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten.bad
              _aten._scaled_dot_product_flash_attention.default,
              _aten._scaled_dot_product_efficient_attention.default,
              _aten._scaled_dot_product_cudnn_attention.default}
+# an output kept for backward saves recomputing its multiply-accumulates: ``reduction`` of them per element. Below
+# this many it costs about what the element-wise work around it costs, and is recomputed too (LM-Net's narrow token
+# projections: 12 channels in)
+MIN_KEPT_REDUCTION = 32
+
+
+def _reduction(op, args) -> int:
+    """Multiply-accumulates per output element of a dense convolution or a product (0 for anything else, grouped
+    convolutions included: depthwise convs are what the lean forms recompute)."""
+    if op in _CONVOLUTIONS:
+        if int(args[8]) != 1:  # groups
+            return 0
+        weight, stride, transposed = args[1], args[3], bool(args[6])
+        per_tap = weight.shape[0] if transposed else weight.shape[1]  # transposed: (cin, cout/groups, *k)
+        taps = math.prod(weight.shape[2:]) // (math.prod(stride) if transposed else 1)
+        return int(per_tap * max(taps, 1))
+    if op in _PRODUCTS:
+        if op in (_aten.addmm.default, _aten.baddbmm.default):
+            return int(args[1].shape[-1])
+        if op in (_aten.mm.default, _aten.bmm.default):
+            return int(args[0].shape[-1])
+        return 1 << 30  # attention: a reduction over the whole sequence
+    return 0
+
+
 def keep_dense_outputs(_ctx, op, *args, **kwargs):
-    """The selective-checkpointing policy: keep the outputs of dense convolutions and products, recompute the rest
-    (a kept output must not be changed in place afterwards). Convolution's ninth argument is its number of groups."""
-    dense = op in _PRODUCTS or (op in _CONVOLUTIONS and int(args[8]) == 1)
-    return CheckpointPolicy.MUST_SAVE if dense else CheckpointPolicy.PREFER_RECOMPUTE
+    """The selective-checkpointing policy: keep the outputs of dense convolutions and products that do at least
+    ``MIN_KEPT_REDUCTION`` multiply-accumulates per element, recompute the rest (a kept output must not be changed
+    in place afterwards)."""
+    keep = _reduction(op, args) >= MIN_KEPT_REDUCTION
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class _Marks(threading.local):
