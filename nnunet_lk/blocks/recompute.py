@@ -134,7 +134,7 @@ def _compiling() -> bool:
 
 # ``memory_lean``: True, False, or "auto": lean on an accelerator (where memory is short and a compiled graph
 # recomputes at no extra dispatch cost), plain on a CPU (where memory is ample and eager recomputation costs
-# 1.2-1.5x per training step); the meta device, the memory estimate's, counts as an accelerator
+# 1.2-1.4x per training step, benchmarks/results/lean_time.md); the meta device, the estimate's, counts as one
 MEMORY_LEAN = ("auto", True, False)
 
 
