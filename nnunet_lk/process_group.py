@@ -15,13 +15,19 @@ import threading
 from typing import Callable, Optional, Sequence
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, reap_timeout: float = 5.0) -> None:
     """SIGKILL every process of ``proc``'s session (started with start_new_session=True) and reap the leader."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+    try:
+        proc.wait(timeout=reap_timeout)
+    except subprocess.TimeoutExpired:
+        # Ctrl-C that lands inside Popen.poll() can leave Popen's wait lock held, and a plain wait() then blocks
+        # forever: reap the killed leader directly
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proc.pid, 0)
 
 
 def _pump(stream, lines: "queue.Queue") -> None:

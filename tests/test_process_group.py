@@ -113,3 +113,16 @@ def test_stop_event_from_another_thread_kills_the_command_and_its_workers():
             group = os.getpgid(worker)
             if group != os.getpgrp():
                 os.killpg(group, signal.SIGKILL)
+
+
+def test_killing_a_group_reaps_the_leader_even_when_popens_wait_lock_is_held():
+    # a Ctrl-C that lands inside Popen.poll() can leave its internal lock held; kill_group must still return
+    from nnunet_lk.process_group import kill_group
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    assert proc._waitpid_lock.acquire(False)
+    start = time.time()
+    kill_group(proc, reap_timeout=0.5)
+    assert time.time() - start < 10
+    with pytest.raises(ChildProcessError):  # reaped: no child left with that pid
+        os.waitpid(proc.pid, os.WNOHANG)
+    proc._waitpid_lock.release()
