@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
+from .blocks.recompute import lean_on
 from .networks.registry import check_options
 from .errors import NetworkConfigError
 from .patch_sizes import check_patch
@@ -158,16 +159,20 @@ def derive_plans(plans: dict, configuration: str, plans_name: str, *, patch_size
 ARCH_KWARGS_USED = ("strides", "kernel_sizes")
 
 
+def network_class(config: dict) -> str:
+    """The short class name of the network a configuration's plans describe (``ResidualEncoderUNet``)."""
+    name = str(config.get("architecture", {}).get("network_class_name", ""))
+    return name.rsplit(".", 1)[-1] or "nnU-Net's network"
+
+
 def plans_use(configuration_manager, backbone: str, network, device_type: str) -> str:
     """One log line: which plans fields a backbone trains with, which it ignores, and its memory options in effect."""
-    arch = configuration_manager.configuration.get("architecture", {})
-    replaced = str(arch.get("network_class_name", "nnU-Net's network")).rsplit(".", 1)[-1]
-    ignored = sorted(k for k in arch.get("arch_kwargs", {}) if k not in ARCH_KWARGS_USED)
+    config = configuration_manager.configuration
+    ignored = sorted(k for k in config.get("architecture", {}).get("arch_kwargs", {}) if k not in ARCH_KWARGS_USED)
     lean = getattr(network, "memory_lean", False)
-    lean_on = lean is True or (lean == "auto" and device_type != "cpu")
-    return (f"nnunet-lk: {backbone} replaces these plans' {replaced}. It uses their patch_size "
+    return (f"nnunet-lk: {backbone} replaces these plans' {network_class(config)}. It uses their patch_size "
             f"{list(configuration_manager.patch_size)}, batch_size {configuration_manager.batch_size}, "
             f"{', '.join(ARCH_KWARGS_USED)} (architecture.arch_kwargs), normalisation and resampling; it ignores "
             f"the other arch_kwargs ({', '.join(ignored) or 'none'}). Memory: memory_lean={lean!r}: lean forms "
-            f"{'on' if lean_on else 'off'} ({device_type}); checkpoint_style="
+            f"{'on' if lean_on(lean, device_type) else 'off'} ({device_type}); checkpoint_style="
             f"{getattr(network, 'checkpoint_style', 'off')!r}.")

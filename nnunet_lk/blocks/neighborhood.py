@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 
-def _windows(spatial: Sequence[int], kernel: Sequence[int], device) -> Tuple[List[List[torch.Tensor]], List[List[torch.Tensor]]]:
+def _windows(spatial: Sequence[int], kernel: Sequence[int],
+             device) -> Tuple[List[List[torch.Tensor]], List[List[torch.Tensor]]]:
     """Per axis and window offset: the key position and the relative-bias index of every query position."""
     key_index, rel_index = [], []
     for length, kk in zip(spatial, kernel):

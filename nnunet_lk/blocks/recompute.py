@@ -144,12 +144,17 @@ class LeanForm:
     memory_lean = False
 
 
+def lean_on(setting, device_type: str) -> bool:
+    """Whether the ``memory_lean`` setting means lean forms on a device of this type."""
+    return setting is True or (setting == "auto" and device_type != "cpu")
+
+
 def lean_applies(module: nn.Module, *inputs) -> bool:
     """Whether ``module`` (a ``LeanForm``) runs its lean form on ``inputs`` now."""
     setting = getattr(module, "memory_lean", False)
     if setting is False or not recomputation_applies(module):
         return False
-    return setting is True or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in inputs)
+    return setting is True or any(lean_on(setting, t.device.type) for t in inputs if isinstance(t, torch.Tensor))
 
 
 class _RegionDepth(threading.local):

@@ -9,7 +9,7 @@ compute, no memory, a fraction of a second. The estimate of a step is
 
 It models the device-independent path (torch's own convolutions, contiguous tensors: what CUDA runs); with
 ``amp=True`` the tensors have the dtypes CUDA's autocast gives them (``AmpEmulation``). Backbones' lean block forms
-in their "auto" setting are modelled as a GPU runs them (lean); ``runs_on="cpu"`` models them as a CPU does (plain). On the CPU it is
+are modelled as ``runs_on`` (default a GPU) runs them: "auto" is lean there, plain on a CPU. On the CPU it is
 validated against torch's memory profiler on the same path (``nnunet-lk bench``): within a few per cent.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..blocks.recompute import lean_on
 from .step import make_train_step
 from .tracker import MiB, AmpEmulation, FusedAttention, LiveStorageTracker, module_state_bytes, storage_bytes
 
@@ -49,20 +50,21 @@ def _reference_path():
     return FusedAttention()
 
 
-def _on_meta(build: Callable[[bool], torch.nn.Module], deep_supervision: bool, runs_on: str = "cuda") -> torch.nn.Module:
+def _on_meta(build: Callable[[bool], torch.nn.Module], deep_supervision: bool,
+             runs_on: str = "cuda") -> torch.nn.Module:
     with torch.device("meta"):
         net = build(deep_supervision)
     if hasattr(net, "cpu_channels_last"):
         net.cpu_channels_last = False
-    if runs_on == "cpu":  # where "auto" keeps the plain forms
-        for module in net.modules():
-            if getattr(module, "memory_lean", None) == "auto":
-                module.memory_lean = False
+    for module in net.modules():  # the meta device would count as a GPU: settle "auto" for ``runs_on``
+        if getattr(module, "memory_lean", None) == "auto":
+            module.memory_lean = lean_on("auto", runs_on)
     return net
 
 
 def estimate_training(build: Callable[[bool], torch.nn.Module], n_in: int, n_out: int, patch: Sequence[int],
-                      batch: int, *, batch_dice: bool = False, amp: bool = False, runs_on: str = "cuda") -> MemoryEstimate:
+                      batch: int, *, batch_dice: bool = False, amp: bool = False,
+                      runs_on: str = "cuda") -> MemoryEstimate:
     """Peak memory of one training step of ``build(deep_supervision=True)`` at ``batch`` × ``patch``: the
     second step, so the optimiser's state exists before it starts, as in every step of a real training."""
     with _reference_path():

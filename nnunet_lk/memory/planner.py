@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import NetworkConfigError
 from ..nnunet_io import plans_context
 from ..patch_sizes import MIN_STAGES, planned_topology
-from ..plans import derive_plans, validate_configuration
+from ..plans import derive_plans, network_class, validate_configuration
 from .estimate import MemoryEstimate, estimate_for_plans
 from .tracker import MiB
 
@@ -78,8 +78,8 @@ def plan_for_memory(trainer_cls, plans: dict, dataset_json: dict, configuration:
         source = f"{HEADROOM:.0%} of {gpu_memory_gb:g} GB"
     else:
         target = stock_target(plans, dataset_json, configuration, amp)
-        network = str(config.get("architecture", {}).get("network_class_name", "")).rsplit(".", 1)[-1] or "its network"
-        source = (f"stock nnU-Net's estimate at the original plans ({network}, {original_batch} x {original_patch})")
+        source = (f"stock nnU-Net's estimate at the original plans ({network_class(config)}, {original_batch} x "
+                  f"{original_patch})")
     spacing = [float(s) for s in config["spacing"]]
     median = [float(m) for m in config.get("median_image_size_in_voxels", original_patch)]
     # nnU-Net counts the dataset's voxels in 3D for every configuration: the full-resolution median shape
