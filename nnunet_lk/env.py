@@ -1,5 +1,6 @@
-"""Making nnU-Net find our trainers: the nnUNet_extTrainer folder, and a ``.pth`` hook that adds it
-to the environment at interpreter start-up so that no shell set-up line is needed."""
+"""Making nnU-Net find our trainers: the nnUNet_extTrainer folder, and the ``.pth`` hook that runs
+``nnunet_lk.startup`` at interpreter start-up so that no shell set-up line is needed. This module only sets
+variables; what else start-up does lives in ``startup.py``."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,7 @@ PTH_NAME = "nnunet_lk_ext_trainer.pth"
 # The .pth line Python runs at every start-up. Guarded: once the package is uninstalled (pip leaves this file
 # behind, it is not in the package's RECORD) it does nothing instead of printing an import error each time.
 HOOK_LINE = ("import importlib.util as _u; _u.find_spec('nnunet_lk') is not None and "
-             "__import__('nnunet_lk.env').env.ensure_environment()\n")
+             "__import__('nnunet_lk.startup').startup.start()\n")
 
 
 def trainer_folder() -> str:
@@ -33,11 +34,9 @@ def with_trainer_folder(value: str | None) -> str:
 
 
 def ensure_environment() -> None:
-    """Called at start-up by the .pth hook (and by our own commands)."""
+    """Put our trainer folder on nnUNet_extTrainer (what older start-up hooks call; doctor reports them)."""
     try:
         os.environ[ENV_VAR] = with_trainer_folder(os.environ.get(ENV_VAR))
-        from .hints import install_excepthook
-        install_excepthook()
     except Exception:  # never break interpreter start-up
         pass
 

@@ -141,6 +141,58 @@ def channel_hint(frames: dict) -> str | None:
             f"are kept.")
 
 
+def _program() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "the command"
+
+
+def missing_model_folder_hint(frames: dict) -> str | None:
+    """nnUNetv2_predict was pointed at a TRAINER__PLANS__CONFIGURATION folder that does not exist: name the
+    trained ones beside it and the flag that selects them (most often -p, after training on derived plans)."""
+    local = frames.get("initialize_from_trained_model_folder") or frames.get("auto_detect_available_folds")
+    folder = (local or {}).get("model_training_output_dir")
+    if not isinstance(folder, str) or os.path.isdir(folder):
+        return None
+    dataset_dir, name = os.path.split(os.path.normpath(folder))
+    parts = name.split("__")
+    if len(parts) != 3:
+        return None
+    trainer, plans, configuration = parts
+    present = sorted(d for d in os.listdir(dataset_dir) if d.count("__") == 2
+                     and os.path.isdir(os.path.join(dataset_dir, d))) if os.path.isdir(dataset_dir) else []
+    split = [d.split("__") for d in present]
+    other_plans = [p for t, p, c in split if t == trainer and c == configuration]
+    other_configurations = [c for t, p, c in split if t == trainer and p == plans]
+    if other_plans:
+        fix = (f"add -p {other_plans[0]} (the plans {trainer} was trained with"
+               + (f"; also trained: {', '.join(other_plans[1:])}" if other_plans[1:] else "") + ")")
+    elif other_configurations:
+        fix = f"{trainer} was trained for configuration {', '.join(other_configurations)}: use -c with it"
+    elif present:
+        fix = "name one of the trained models above with -tr, -p and -c, or train this one first (nnUNetv2_train)"
+    else:
+        fix = "train it first: nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER (-p PLANS)"
+    return (f"{PREFIX} there is no trained model {name} (trainer {trainer}, plans {plans}, configuration "
+            f"{configuration}) in {dataset_dir}.\n  Trained models there: {', '.join(present) or 'none'}.\n"
+            f"  Fix: {fix}. Nothing was written.")
+
+
+_NO_CUDA = ("Found no NVIDIA driver", "Torch not compiled with CUDA enabled", "No CUDA GPUs are available",
+            "CUDA driver initialization failed")
+
+
+def no_gpu_hint(exc: BaseException) -> str | None:
+    """A stock command ran on its default device, CUDA, on a machine without a usable GPU."""
+    torch = sys.modules.get("torch")
+    if not any(m in str(exc) for m in _NO_CUDA) or torch is None or torch.cuda.is_available():
+        return None
+    program = _program()
+    cpu_tips = (" On a CPU, nnUNetv2_predict is also much faster with --disable_tta -step_size 1 where that "
+                "accuracy is not needed, and -npp 0 -nps 0 on a machine with few cores (README, Robustness)."
+                if "predict" in program else "")
+    return (f"{PREFIX} no CUDA GPU can be used here (torch.cuda.is_available() is False), and {program} runs "
+            f"on CUDA unless told otherwise. Fix: add -device cpu.{cpu_tips}")
+
+
 def hints(exc: BaseException, tb: TracebackType | None) -> list:
     frames = _frames(tb)
     found = []
@@ -148,6 +200,7 @@ def hints(exc: BaseException, tb: TracebackType | None) -> list:
     from_checkpoint = not_found and "initialize_from_trained_model_folder" in frames
     for make in (lambda: trainer_not_found_hint(str(exc)) if not_found and not from_checkpoint else None,
                  lambda: checkpoint_trainer_lookup_hint(str(exc), frames) if from_checkpoint else None,
+                 lambda: missing_model_folder_hint(frames), lambda: no_gpu_hint(exc),
                  lambda: checkpoint_hint(frames), lambda: channel_hint(frames)):
         try:
             message = make()

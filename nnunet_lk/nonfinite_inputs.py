@@ -27,10 +27,13 @@ def cases_in_folder(folder: str, file_ending: str) -> Dict[str, List[str]]:
     return {case: [path for _, path in sorted(files)] for case, files in sorted(cases.items())}
 
 
-def non_finite_voxels(folder: str, file_ending: str, reader) -> Dict[str, List[Tuple[str, int, int]]]:
-    """case id -> [(file name, non-finite voxels, voxels)] for each channel file that has any."""
+def non_finite_voxels(folder: str, file_ending: str, reader, skip=()) -> Dict[str, List[Tuple[str, int, int]]]:
+    """case id -> [(file name, non-finite voxels, voxels)] for each channel file that has any (cases in
+    ``skip`` are not read)."""
     found = {}
     for case, files in cases_in_folder(folder, file_ending).items():
+        if case in skip:
+            continue
         bad = []
         for path in files:
             image, _ = reader.read_images([path])
@@ -42,13 +45,14 @@ def non_finite_voxels(folder: str, file_ending: str, reader) -> Dict[str, List[T
     return found
 
 
-def refuse_non_finite_inputs(folder: str, predictor) -> None:
-    """Raise ``NonFiniteInputError`` naming every case of ``folder`` with NaN/Inf voxels (nothing is written)."""
+def refuse_non_finite_inputs(folder: str, predictor, skip=()) -> None:
+    """Raise ``NonFiniteInputError`` naming every case of ``folder`` with NaN/Inf voxels (nothing is written);
+    cases in ``skip`` (already refused for another reason) are not read."""
     if not os.path.isdir(folder):
         return  # nnU-Net's predictor reports a missing input folder itself
     file_ending = predictor.dataset_json["file_ending"]
     reader = predictor.plans_manager.image_reader_writer_class()
-    found = non_finite_voxels(folder, file_ending, reader)
+    found = non_finite_voxels(folder, file_ending, reader, skip)
     if not found:
         return
     total = len(cases_in_folder(folder, file_ending))

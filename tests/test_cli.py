@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from nnunet_lk.cli.main import main
 
@@ -52,6 +53,11 @@ def test_plans_command_writes_variant_and_never_overwrites(hippocampus_plans, nn
     args = ["plans", "-d", "4", "-c", "2d", "--name", "nnUNetPlans_cpu", "--batch", "8", "--patch", "48", "32",
             "--option", "dlkunet_s.width=24"]
     assert main(args) == 0
+    out = capsys.readouterr().out
+    device = "" if torch.cuda.is_available() else " -device cpu"  # the walk-through's CPU path, copy-paste ready
+    assert f"train with:   nnUNetv2_train 4 2d FOLD -tr TRAINER -p nnUNetPlans_cpu{device}\n" in out
+    assert f"predict with: nnUNetv2_predict -i INPUT -o OUTPUT -d 4 -c 2d -f FOLD -tr TRAINER -p nnUNetPlans_cpu" \
+           f"{device}\n" in out
     derived = json.loads((folder / "nnUNetPlans_cpu.json").read_text())
     assert derived["configurations"]["2d"]["batch_size"] == 8
     assert derived["configurations"]["2d"]["nnunet_lk"] == {"dlkunet_s": {"width": 24}}

@@ -269,6 +269,48 @@ def test_predict_onnx_refuses_non_finite_inputs_naming_case_and_count(exported, 
     assert (out / "earlier.nrrd").read_bytes() == b"a prediction written before"
 
 
+def _hippocampus_cases(folder: Path, n: int) -> Path:
+    from tests.helpers.realdata import SHARED_DATA
+    folder.mkdir()
+    for image in sorted((SHARED_DATA / "Dataset004_Hippocampus" / "imagesTr").glob("*_0000.nii.gz"))[:n]:
+        (folder / image.name).symlink_to(image)
+    return folder
+
+
+def test_predict_onnx_leaves_out_damaged_cases_and_predicts_the_others(exported, tmp_path):
+    from tests.helpers.realdata import BIN, run
+    images = _hippocampus_cases(tmp_path / "images", 3)
+    damaged = sorted(images.iterdir())[1]
+    data = damaged.read_bytes()
+    damaged.unlink()
+    damaged.write_bytes(data[: len(data) // 2])  # SimpleITK would read it without an error
+    out = tmp_path / "out"
+    proc = run([BIN / "nnunet-lk", "predict-onnx", "-i", images, "-o", out, "-m", exported[0], "--onnx", exported[1],
+                "-f", "0", "-npp", "0", "-nps", "0", "--threads", "1"], env=dict(os.environ), timeout=600, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    case = damaged.name[:-len("_0000.nii.gz")]
+    assert f"1 input case(s) in {images} are damaged and were not predicted ({case}: {damaged.name} is truncated" \
+        in proc.stderr
+    assert "the other 2 case(s) are in" in proc.stderr
+    predicted = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert len(predicted) == 2 and f"{case}.nii.gz" not in predicted
+
+
+def test_one_ctrl_c_ends_predict_onnx_with_no_worker_left(exported, tmp_path):
+    from nnunet_lk.file_integrity import damage
+    from tests.helpers.realdata import BIN, interrupt_after_first_output
+    images = _hippocampus_cases(tmp_path / "images", 30)
+    out = tmp_path / "out"
+    cmd = [BIN / "nnunet-lk", "predict-onnx", "-i", images, "-o", out, "-m", exported[0], "--onnx", exported[1],
+           "-f", "0", "-npp", "2", "-nps", "2", "--threads", "1"]
+    ended = interrupt_after_first_output(cmd, dict(os.environ), out)
+    assert not ended["finished_before_interrupt"]
+    assert ended["returncode"] == 130, ended["stderr"][-3000:]
+    assert ended["seconds"] < 15 and ended["left"] == []
+    assert "nnunet-lk predict-onnx interrupted" in ended["stderr"]
+    assert 0 < len(ended["outputs"]) < 30 and all(damage(str(out / name)) is None for name in ended["outputs"])
+
+
 # ---- stock nnU-Net (slow) ----------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)

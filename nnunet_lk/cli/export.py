@@ -47,24 +47,53 @@ def cmd_export(args) -> int:
 
 def cmd_predict_onnx(args) -> int:
     from ..export import ExportError, onnx_predictor
+    from ..interrupt import install as end_on_interrupt
     from ..nonfinite_inputs import NonFiniteInputError, refuse_non_finite_inputs
     try:
         predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
                                    use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
                                    threads=args.threads, verbose=args.verbose)
-        refuse_non_finite_inputs(args.input, predictor)
+        inputs, damaged = _undamaged_inputs(args.input, predictor.dataset_json["file_ending"])
+        refuse_non_finite_inputs(args.input, predictor, skip=damaged)
     except (ExportError, CheckpointError, NonFiniteInputError) as e:
         print(f"nnunet-lk predict-onnx: error: {e}", file=sys.stderr)
         return 1
     os.makedirs(args.output, exist_ok=True)  # nnU-Net's sequential path expects it
+    end_on_interrupt(args.output, "nnunet-lk predict-onnx")
+    if inputs:
+        _predict(predictor, inputs, args)
+    if damaged:
+        listed = "; ".join(f"{case}: " + ", ".join(f"{name} is {problem}" for name, problem in files.items())
+                           for case, files in damaged.items())
+        print(f"nnunet-lk predict-onnx: error: {len(damaged)} input case(s) in {args.input} are damaged and were "
+              f"not predicted ({listed}). Replace their files (`gzip -t FILE` checks a .gz) and run again with "
+              f"--continue_prediction; the other {len(inputs) if isinstance(inputs, list) else 0} case(s) are "
+              f"in {args.output}.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _undamaged_inputs(folder: str, file_ending: str):
+    """(what to predict, damaged cases): the folder itself when every case is intact, else the intact cases'
+    file lists (nnU-Net names their outputs as it would from the folder)."""
+    from ..file_integrity import damaged_cases
+    from ..nonfinite_inputs import cases_in_folder
+    if not os.path.isdir(folder):
+        return folder, {}  # nnU-Net's predictor reports a missing input folder itself
+    damaged = damaged_cases(folder, file_ending)
+    if not damaged:
+        return folder, {}
+    return [files for case, files in cases_in_folder(folder, file_ending).items() if case not in damaged], damaged
+
+
+def _predict(predictor, inputs, args) -> None:
     if args.npp == 0 or args.nps == 0:
-        predictor.predict_from_files_sequential(args.input, args.output, save_probabilities=args.save_probabilities,
+        predictor.predict_from_files_sequential(inputs, args.output, save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction)
     else:
-        predictor.predict_from_files(args.input, args.output, save_probabilities=args.save_probabilities,
+        predictor.predict_from_files(inputs, args.output, save_probabilities=args.save_probabilities,
                                      overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
                                      num_processes_segmentation_export=args.nps)
-    return 0
 
 
 def register(subparsers) -> None:
@@ -86,7 +115,8 @@ def register(subparsers) -> None:
         "predict-onnx", help="nnUNetv2_predict with the network replaced by an exported ONNX model",
         description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) "
                     "with onnxruntime computing the logits. Input cases with NaN/Inf voxels are refused before "
-                    "anything is predicted.")
+                    "anything is predicted; truncated or corrupt files are named and left out, the other cases "
+                    "predicted, and the exit status is 1. One Ctrl-C ends it, keeping every complete output.")
     p.add_argument("-i", "--input", required=True, help="folder of images named as for nnUNetv2_predict")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder the ONNX came from")

@@ -132,10 +132,19 @@ def cmd_plans(args) -> int:
     cfg = derived["configurations"][args.configuration]
     print(f"wrote {target}\n  {args.configuration}: patch {cfg['patch_size']}, batch {cfg['batch_size']}"
           + (f", options {cfg['nnunet_lk']}" if "nnunet_lk" in cfg else "")
-          + memory_note
-          + f"\n  train with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr "
-            f"{getattr(args, 'trainer_name', None) or 'TRAINER'} -p {args.name}")
+          + memory_note + _next_commands(args))
     return 0
+
+
+def _next_commands(args) -> str:
+    """The stock commands that use the new plans, with -device cpu where no GPU can be used."""
+    import torch
+    device = "" if torch.cuda.is_available() else " -device cpu"
+    trainer = getattr(args, "trainer_name", None) or "TRAINER"
+    return (f"\n  train with:   nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {trainer} -p {args.name}"
+            f"{device}"
+            f"\n  predict with: nnUNetv2_predict -i INPUT -o OUTPUT -d {args.dataset} -c {args.configuration} -f FOLD "
+            f"-tr {trainer} -p {args.name}{device}")
 
 
 def _plan_for_memory(args, plans: dict, folder: str):
@@ -271,7 +280,8 @@ def _extra_commands():
 
 
 def main(argv=None) -> int:
-    lk_env.ensure_environment()
+    from ..startup import start
+    start([])  # the trainer folder and the hints, when no start-up hook ran (not installed, python -m)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

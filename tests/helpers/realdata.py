@@ -129,3 +129,41 @@ def logged_loss_weights(fold_dir: Path) -> dict:
         for m in LOSS_LINE.finditer(log.read_text()):
             weights[int(m.group(2))] = (float(m.group(4)), float(m.group(5)), int(m.group(3)))
     return weights
+
+
+def interrupt_after_first_output(cmd, env, out: Path, pattern: str = "*.nii.gz", timeout: float = 300,
+                                 grace: float = 30) -> dict:
+    """Run a prediction in a session of its own, send SIGINT to the whole session (as a terminal's Ctrl-C
+    reaches every process of the foreground group) once the first output file appears, and report how it
+    ended: return code (None: still running after ``grace`` s), seconds to exit, processes left in the
+    session, outputs, stderr."""
+    import time
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not list(out.glob(pattern)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        finished_first = proc.poll() is not None
+        os.killpg(proc.pid, signal.SIGINT)
+        start = time.time()
+        try:
+            _, stderr = proc.communicate(timeout=grace)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode, stderr = None, ""
+        seconds = time.time() - start
+        for _ in range(50):  # multiprocessing's resource tracker exits once the last of us has closed its pipe
+            left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+            left = left.strip().splitlines()
+            if not left:
+                break
+            time.sleep(0.1)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return {"returncode": returncode, "seconds": seconds, "left": left, "stderr": stderr,
+            "finished_before_interrupt": finished_first, "outputs": sorted(p.name for p in out.glob(pattern))}
