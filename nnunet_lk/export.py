@@ -1,4 +1,4 @@
-"""ONNX export of a trained nnU-Net fold, and nnU-Net's own predictor running the ONNX model (issue 7).
+"""ONNX export of a trained nnU-Net fold, and nnU-Net's own predictor running the ONNX model.
 
 Export (``nnunet-lk export``): the fold is loaded as ``nnUNetv2_predict`` loads it (``model_folder.load_fold``:
 checkpoint read with clear errors, trainer class by nnU-Net's own lookup, network built statically with deep

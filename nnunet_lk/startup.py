@@ -28,6 +28,8 @@ def start(argv=None) -> None:
         install_excepthook()
         argv = sys.argv if argv is None else argv
         if argv and os.path.basename(str(argv[0])) in PREDICT_COMMANDS:
+            from .settings import mark_prediction_process
+            mark_prediction_process()
             warn_about_damaged_inputs(argv[1:])
             from .interrupt import install
             install(flag_value(argv[1:], "-o"), os.path.basename(str(argv[0])))

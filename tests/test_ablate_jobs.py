@@ -35,6 +35,15 @@ def test_slurm_options_map_one_to_one_onto_submitit_parameters(tmp_path):
     assert defaults == {"job_name": "nnunet-lk", "time": slurm.DEFAULT_TIME_MIN, "stderr_to_stdout": True}
 
 
+def test_dry_run_sbatch_script_without_the_slurm_extra_names_it(tmp_path, monkeypatch):
+    import importlib.util
+    from nnunet_lk.errors import MissingExtraError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"--dry-run .*pip install 'nnunet-lk\[slurm\]'"):
+        slurm.sbatch_script(tmp_path, slurm.parameters(), 2)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["partition=gpu"], "use --slurm-partition"), (["mem=4G"], "use --slurm-mem-gb"),
     (["array=0-3"], "use --slurm-array-parallelism"), (["=x"], "KEY=VALUE"), (["bad key=1"], "KEY=VALUE")])

@@ -163,10 +163,12 @@ def test_every_backbone_has_a_paper_configuration():
 
 def test_doctor_right_after_install_warns_about_data_folders_and_passes():
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    proc = _nnunet_lk("doctor", env=env)
+    proc = _nnunet_lk("doctor", env={**env, "NNUNET_LK_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout
+    assert "with -device cpu: 1 in training and prediction (NNUNET_LK_THREADS=1)" in proc.stdout
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         assert f"[warn] {var} is not set" in proc.stdout and f"export {var}=" in proc.stdout
+    assert "in prediction now (the idle cores: load" in _nnunet_lk("doctor", env=env).stdout
     assert "[FAIL]" not in proc.stdout and "[ok] nnU-Net finds nnUNetTrainerDLKUNetS" in proc.stdout
 
 

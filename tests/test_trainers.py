@@ -7,8 +7,9 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_lk import settings
 from nnunet_lk.networks import NetworkConfigError
-from nnunet_lk.training import trainers as lk_trainers
+from nnunet_lk.training import run_settings, trainers as lk_trainers
 from nnunet_lk.training.trainers import all_trainers, nnUNetTrainerDLKUNetM, nnUNetTrainerDLKUNetS_PhaseLoss
 
 
@@ -74,7 +75,7 @@ def test_trainer_deep_supervision_scales_follow_network(hippocampus_plans, hippo
 
 
 def test_loss_weights_set_at_epoch_start(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch):
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "10")
+    monkeypatch.setenv(settings.EPOCHS, "10")
     hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
     trainer = _make_trainer(nnUNetTrainerDLKUNetS_PhaseLoss, hippocampus_plans, "2d", hippocampus_dataset_json,
                             nnunet_dirs)
@@ -90,8 +91,8 @@ def test_loss_weights_set_at_epoch_start(hippocampus_plans, hippocampus_dataset_
 
 def test_checkpoint_records_budget_and_resume_restores_it(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
                                                           monkeypatch, tmp_path):
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "7")
-    monkeypatch.setenv("NNUNET_LK_ITERATIONS", "3")
+    monkeypatch.setenv(settings.EPOCHS, "7")
+    monkeypatch.setenv(settings.ITERATIONS, "3")
     hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
     trainer = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
                             nnunet_dirs)
@@ -104,8 +105,8 @@ def test_checkpoint_records_budget_and_resume_restores_it(hippocampus_plans, hip
     assert saved["nnunet_lk"]["num_epochs"] == 7 and saved["current_epoch"] == 5
     assert saved["trainer_name"] == "nnUNetTrainerDLKUNetS"
 
-    monkeypatch.delenv("NNUNET_LK_EPOCHS")
-    monkeypatch.delenv("NNUNET_LK_ITERATIONS")
+    monkeypatch.delenv(settings.EPOCHS)
+    monkeypatch.delenv(settings.ITERATIONS)
     resumed = _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
                             nnunet_dirs)
     assert resumed.num_epochs == 1000  # nnU-Net's default until the checkpoint is read
@@ -164,7 +165,7 @@ def test_unreadable_checkpoint_is_a_clear_error(hippocampus_plans, hippocampus_d
 
 
 def test_bad_budget_variable(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch):
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "five")
+    monkeypatch.setenv(settings.EPOCHS, "five")
     with pytest.raises(ValueError, match="NNUNET_LK_EPOCHS='five' is not an integer"):
         _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
                       nnunet_dirs)
@@ -235,40 +236,102 @@ def test_plans_with_one_deep_supervision_output_fail_before_training(hippocampus
         trainer.initialize()
 
 
+class _Validating:
+    """Stands for nnUNetTrainer: what the run-settings mixin touches when it validates."""
+    inference_allowed_mirroring_axes = (0, 1)
+
+    def __init__(self):
+        self.logged, self.seen = [], []
+
+    def print_to_log_file(self, message):
+        self.logged.append(message)
+
+    def perform_actual_validation(self, save_probabilities):
+        self.seen.append((self.inference_allowed_mirroring_axes, run_settings.nnunet_trainer_module.default_num_processes))
+
+
+class _Trainer(run_settings.RunSettingsMixin, _Validating):
+    pass
+
+
 @pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("on", True), ("0", False), ("off", False)])
 def test_validation_mirroring_switch(monkeypatch, value, enabled):
-    from nnunet_lk.training.base import validate_with_budget_mirroring, validation_mirroring_enabled
     if value is None:
-        monkeypatch.delenv("NNUNET_LK_VAL_MIRRORING", raising=False)
+        monkeypatch.delenv(settings.VAL_MIRRORING, raising=False)
     else:
-        monkeypatch.setenv("NNUNET_LK_VAL_MIRRORING", value)
-    assert validation_mirroring_enabled() is enabled
-
-    class Trainer:  # what validate_with_budget_mirroring touches on nnU-Net's trainer
-        inference_allowed_mirroring_axes = (0, 1)
-        logged = []
-
-        def print_to_log_file(self, message):
-            self.logged.append(message)
-
-    trainer, seen = Trainer(), []
-    validate_with_budget_mirroring(trainer, lambda probabilities: seen.append(trainer.inference_allowed_mirroring_axes),
-                                   False)
-    assert seen == [(0, 1) if enabled else None]
+        monkeypatch.setenv(settings.VAL_MIRRORING, value)
+    assert settings.validation_mirroring() is enabled
+    trainer = _Trainer()
+    trainer.perform_actual_validation(False)
+    assert trainer.seen[0][0] == ((0, 1) if enabled else None)
     assert trainer.inference_allowed_mirroring_axes == (0, 1)  # restored: checkpoints keep the trained axes
 
 
 def test_validation_mirroring_bad_value(monkeypatch):
-    from nnunet_lk.training.base import validation_mirroring_enabled
-    monkeypatch.setenv("NNUNET_LK_VAL_MIRRORING", "maybe")
+    monkeypatch.setenv(settings.VAL_MIRRORING, "maybe")
     with pytest.raises(ValueError, match="use 0 \\(off\\) or 1"):
-        validation_mirroring_enabled()
+        settings.validation_mirroring()
 
 
-def test_stock_budget_trainer_and_ours_route_validation_through_the_switch():
+@pytest.mark.parametrize("def_n_proc,cores,expected", [(None, 2, 2), (None, 16, 8), ("8", 2, 8), ("1", 16, 1)])
+def test_final_validation_workers_are_capped_at_the_usable_cores_unless_set(monkeypatch, def_n_proc, cores,
+                                                                             expected):
+    """nnU-Net's final validation spawns nnUNet_def_n_proc (default 8) export and metric workers, each importing
+    torch: on a 2-core machine they took most of a short training's time."""
+    default = int(def_n_proc or 8)  # nnU-Net reads the variable once, at import
+    monkeypatch.setattr(run_settings.nnunet_trainer_module, "default_num_processes", default)
+    monkeypatch.setattr(settings, "usable_cores", lambda: cores)
+    if def_n_proc is None:
+        monkeypatch.delenv(run_settings.WORKERS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(run_settings.WORKERS_ENV, def_n_proc)
+    trainer = _Trainer()
+    trainer.perform_actual_validation(False)
+    assert trainer.seen[0][1] == expected
+    assert run_settings.nnunet_trainer_module.default_num_processes == default  # restored
+    assert any("Final validation with" in m for m in trainer.logged) == (expected != default)
+
+
+def test_stock_budget_trainer_and_ours_share_the_run_settings():
     from nnunet_lk.training.stock import nnUNetTrainerStockBudget
     for cls in (nnUNetTrainerStockBudget, nnUNetTrainerDLKUNetM):
-        assert "validate_with_budget_mirroring" in cls.perform_actual_validation.__code__.co_names
+        assert issubclass(cls, run_settings.RunSettingsMixin)
+        assert cls.perform_actual_validation is run_settings.RunSettingsMixin.perform_actual_validation
+
+
+@pytest.mark.parametrize("threads,predicting,current,cores,load,expected", [
+    (None, False, 2, 2, 1.2, 2),  # training -device cpu on 2 cores: all usable cores, whatever the load
+    (None, False, 16, 4, 0.0, 4),  # cpu_count() says 16, the affinity (taskset, cpuset, SLURM) allows 4
+    (None, True, 2, 2, 0.3, 2),  # nnUNetv2_predict -device cpu on an idle 2-core machine: both cores
+    (None, True, 2, 2, 1.2, 1),  # one core busy: one thread (2 threads took 25x longer, measured)
+    (None, True, 8, 8, 20.0, 1),  # overloaded: still one
+    (None, True, 1, 16, 0.0, 1),  # CUDA prediction: nnU-Net's one thread stays
+    ("3", True, 16, 4, 3.0, 3),  # NNUNET_LK_THREADS wins
+])
+def test_cpu_threads(monkeypatch, threads, predicting, current, cores, load, expected):
+    monkeypatch.setattr(settings, "usable_cores", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(settings, "_prediction_process", predicting)
+    if threads is None:
+        monkeypatch.delenv(settings.THREADS, raising=False)
+    else:
+        monkeypatch.setenv(settings.THREADS, threads)
+    assert settings.cpu_threads(current) == expected
+
+
+def test_the_network_nnunet_predict_builds_runs_on_the_thread_budget(monkeypatch, hippocampus_plans):
+    """nnUNetv2_predict sets torch to every core, then builds the network through the trainer class: that call
+    applies NNUNET_LK_THREADS."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(hippocampus_plans)
+    monkeypatch.setenv(settings.THREADS, "1")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        nnUNetTrainerDLKUNetM.build_network_architecture(plans, plans.get_configuration("2d"), 1, 3, False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _random_batch(num_classes=3):
@@ -385,7 +448,7 @@ def test_recipe_variants_combine_with_every_loss_variant_and_skip_backbones_with
 def test_paper_recipe_trainer_builds_adam_steps_its_rate_and_resumes_the_optimiser(
         hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, monkeypatch, tmp_path):
     from nnunet_lk.training.recipes import learning_rate, paper_recipe
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "40")
+    monkeypatch.setenv(settings.EPOCHS, "40")
     hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
     cls = all_trainers()["nnUNetTrainerDLKUNetS_PaperRecipe_PhaseLoss"]
     trainer = _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
@@ -409,7 +472,7 @@ def test_paper_recipe_trainer_builds_adam_steps_its_rate_and_resumes_the_optimis
     path = str(tmp_path / "checkpoint_latest.pth")
     trainer.save_checkpoint(path)
 
-    monkeypatch.delenv("NNUNET_LK_EPOCHS")
+    monkeypatch.delenv(settings.EPOCHS)
     resumed = _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
     resumed.load_checkpoint(path)  # what --c does
     assert resumed.num_epochs == 40 and resumed.current_epoch == 7 and type(resumed.optimizer) is torch.optim.Adam
@@ -438,10 +501,10 @@ def test_thread_budget_reaches_torch_in_every_trainer(hippocampus_plans, hippoca
     try:
         for cls, threads in ((lk_trainers.nnUNetTrainerDLKUNetS, 2), (nnUNetTrainerStockBudget, 3)):
             torch.set_num_threads(1)
-            monkeypatch.setenv("NNUNET_LK_THREADS", str(threads))
+            monkeypatch.setenv(settings.THREADS, str(threads))
             _make_trainer(cls, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
             assert torch.get_num_threads() == threads
-        monkeypatch.setenv("NNUNET_LK_THREADS", "zero")
+        monkeypatch.setenv(settings.THREADS, "zero")
         with pytest.raises(ValueError, match="NNUNET_LK_THREADS='zero' is not an integer"):
             _make_trainer(lk_trainers.nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json,
                           nnunet_dirs)

@@ -18,16 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
+from .. import settings
 from ..errors import TrainingFailed, UsageError  # noqa: F401  (TrainingFailed: public here too)
 from ..process_group import run_streaming
 from .results import FoldJobLabels, FoldRun
 from .runner import budget_env, fold_action, plan_runs, train_command
 
 # handed to every job as they are where the job is submitted: nnU-Net's folders, nnU-Net's and our settings
-PASSED_PREFIXES = ("nnUNet_", "NNUNET_LK_")
+PASSED_PREFIXES = ("nnUNet_", settings.PREFIX)
 # what a job's thread budget sets (torch's intra-op pool follows OMP_NUM_THREADS)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NNUNET_LK_THREADS")
+               "VECLIB_MAXIMUM_THREADS", settings.THREADS)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..bench import STOCK_BUDGET_TRAINER, STOCK_TRAINER, dataset_name, default_trainers
+from .. import settings
 from ..process_group import run_streaming
 from .results import ALL_FOLDS, FoldRun, model_folder
 
@@ -43,8 +44,7 @@ def fold_action(run: FoldRun) -> Optional[str]:
 
 def budget_env(epochs: Optional[int], iterations: Optional[int], val_iterations: Optional[int]) -> dict:
     """The training budget as the environment variables our trainers (and nnUNetTrainerStockBudget) read."""
-    return {var: str(value) for var, value in (("NNUNET_LK_EPOCHS", epochs), ("NNUNET_LK_ITERATIONS", iterations),
-                                               ("NNUNET_LK_VAL_ITERATIONS", val_iterations)) if value is not None}
+    return settings.budget_env(epochs, iterations, val_iterations)
 
 
 def train_command(dataset: str, configuration: str, fold: int, trainer: str, plans: str, device: str,

@@ -86,6 +86,8 @@ def job_folder(output) -> Path:
 def sbatch_script(output, params: Dict[str, object], n_jobs: int) -> str:
     """The sbatch script submitit writes for ``n_jobs`` jobs submitted at once (a job array when more than one):
     the same function and command submitit's SlurmExecutor uses, so the text matches the file it writes."""
+    from ..extras import require_extra
+    require_extra("slurm", "--executor slurm --dry-run (the sbatch script is submitit's)")
     from submitit.slurm import slurm as submitit_slurm
     folder = job_folder(output)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])

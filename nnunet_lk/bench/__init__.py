@@ -1,14 +1,14 @@
 """``nnunet-lk bench``: every backbone and stock nnU-Net built from the same nnU-Net plans, measured side
-by side (issues 6 and 11).
+by side.
 
 For one dataset's plans and configuration, each network is built exactly as training builds it (the
 trainer class's ``build_network_architecture``) and measured (``measure``): parameters, MACs (torch's FLOP
 counter), eval-mode forward latency per patch (batch 1), one training step at the plans' batch, and memory.
 Each backbone can be measured in several variants (``--variants``, ``measure.VARIANTS``): as shipped, with
-torch's own depthwise path (``torch``: the speed before issue 11), with our depthwise op on contiguous
+torch's own depthwise path (``torch``: the speed before our depthwise op), with our depthwise op on contiguous
 tensors (``contiguous``) or with the whole network channels-last (``channels_last``), one after the other,
 each in a fresh process, so that speed-ups are read from one run.
-``report`` writes the table and checks issue 11's speed targets on the figures.
+``report`` writes the table and checks the speed targets on the figures.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .. import settings
 from ..errors import UsageError
 from ..nnunet_io import dataset_name, plans_context  # noqa: F401  (re-exported: ablate and the CLI use them here)
 
@@ -184,21 +185,21 @@ def add_ratios(results: List[dict]) -> None:
 
 
 def _variant_environment(variant: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NNUNET_LK_DEPTHWISE"}
+    env = {k: v for k, v in os.environ.items() if k != settings.DEPTHWISE}
     env.update(VARIANTS[variant][0])
     return env
 
 
 def _measure_here(job: dict) -> dict:
-    saved = os.environ.get("NNUNET_LK_DEPTHWISE")
-    os.environ.pop("NNUNET_LK_DEPTHWISE", None)
+    saved = os.environ.get(settings.DEPTHWISE)
+    os.environ.pop(settings.DEPTHWISE, None)
     os.environ.update(VARIANTS[job.get("variant", "shipped")][0])  # the op reads it at every call
     try:
         return measure_network(job)
     finally:
-        os.environ.pop("NNUNET_LK_DEPTHWISE", None)
+        os.environ.pop(settings.DEPTHWISE, None)
         if saved is not None:
-            os.environ["NNUNET_LK_DEPTHWISE"] = saved
+            os.environ[settings.DEPTHWISE] = saved
 
 
 def _measure_in_subprocess(job: dict, timeout: Optional[float]) -> dict:

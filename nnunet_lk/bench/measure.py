@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 from typing import List
 
+from .. import settings
+
 # variant -> (environment for the measuring process, whole network channels-last on a CPU: None = as built)
 VARIANTS = {
     "shipped": ({}, None),                                 # as the trainer builds it (the default)
-    "torch": ({"NNUNET_LK_DEPTHWISE": "torch"}, False),    # PyTorch's own depthwise path, contiguous: before issue 11
+    "torch": ({settings.DEPTHWISE: "torch"}, False),       # PyTorch's own depthwise path, contiguous
     "contiguous": ({}, False),                             # our depthwise op, contiguous tensors
     "channels_last": ({}, True),                           # our op, the whole network channels-last
 }
@@ -239,7 +240,7 @@ def measure_network(job: dict) -> dict:
         # resolution levels actually built (ours: min(paper depth, plan stages); stock: the plans' stages)
         "levels": len(getattr(net, "level_strides", None) or cm.network_arch_init_kwargs.get("strides", [])),
         "reparam_modules": sum(isinstance(m, ReparamDepthwise) for m in net.modules()),
-        "depthwise_mode": os.environ.get("NNUNET_LK_DEPTHWISE", "fast"),
+        "depthwise_mode": settings.depthwise_mode(),
         "channels_last": getattr(net, "cpu_channels_last", False) if channels_last is None else channels_last,
         "shipped_channels_last": getattr(net, "cpu_channels_last", False),  # the layout targets are read in
     }

@@ -1,4 +1,4 @@
-"""``nnunet-lk bench`` outputs: the markdown table, issue 11's speed targets checked on the measured figures,
+"""``nnunet-lk bench`` outputs: the markdown table, the speed targets checked on the measured figures,
 and the JSON + markdown files."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from . import STOCK_TRAINER
 from .measure import VARIANT_LABELS
 
-# issue 11: 3D training step >= 5x faster than torch's depthwise path; 2D training-step ratio to stock at
+# speed targets: 3D training step >= 5x faster than torch's depthwise path; 2D training-step ratio to stock at
 # least halved (same stock figure, so a speed-up >= 2x); LGMSNet and LM-Net 2D eval latency <= stock's
 TRAIN_SPEEDUP_TARGET = {2: 2.0, 3: 5.0}
 LATENCY_AT_MOST_STOCK_2D = ("lgmsnet", "lmnet")
@@ -130,7 +130,7 @@ def _rows_by_backbone(record: dict) -> Dict[str, Dict[str, dict]]:
 
 
 def target_checks(record: dict) -> List[dict]:
-    """Issue 11's targets, each as {backbone, target, value, met, text}, from the figures of this run (CPU
+    """The speed targets, each as {backbone, target, value, met, text}, from the figures of this run (CPU
     runs with the torch path measured; nothing is checked otherwise)."""
     if record["device"] != "cpu":
         return []

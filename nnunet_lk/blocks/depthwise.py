@@ -45,7 +45,6 @@ Results agree with torch's to float32 rounding (max relative error <= 1e-5 over 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,13 +53,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..errors import UsageError
+from .. import settings
 # layouts and shape transforms (batch_to_space, space_to_batch: re-exported for tests/test_depthwise.py)
 from .depthwise_layout import (BatchToSpace, SpaceToBatch, batch_to_space, crop_kernel, is_channels_last,
                                phases_apply, space_to_batch, to_channels_last)
 
-ENV = "NNUNET_LK_DEPTHWISE"
-MODES = ("fast", "torch")
+ENV = settings.DEPTHWISE
+MODES = settings.DEPTHWISE_MODES
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -69,13 +68,8 @@ IntOrSeq = Union[int, Sequence[int]]
 
 
 def mode() -> str:
-    """``fast`` (default) or ``torch``, from ``NNUNET_LK_DEPTHWISE``."""
-    raw = os.environ.get(ENV, "fast")
-    value = raw.strip().lower() or "fast"
-    if value not in MODES:
-        raise UsageError(f"{ENV}={raw!r} is not valid; use 'fast' (the default) or 'torch' (PyTorch's own "
-                         "convolution path), or unset it")
-    return value
+    """``fast`` (default) or ``torch``, from the environment (``settings.depthwise_mode``)."""
+    return settings.depthwise_mode()
 
 
 def _torch_conv(x, weight, bias, stride, padding, dilation, groups):

@@ -29,7 +29,7 @@ class DepthwiseSeparableConv(nn.Module):
 # how the gate's last (pointwise) conv starts: "official" = PyTorch's initialisation, as the official code
 # (the gate a then averages ~0 with std ~0.1, so every block scales its input down ~10x at the start);
 # "identity" = its bias + 1, so a ≈ 1 and each block first passes its input on. "identity" is the default: it
-# won issue 15's same-budget comparison (docs/architectures.md §1.10)
+# won the same-budget comparison of the gate initialisations (docs/architectures.md §1.10)
 GATE_INITS = ("identity", "official")
 DEFAULT_GATE_INIT = "identity"
 

@@ -37,6 +37,7 @@ def run_doctor(verbose: bool = False) -> int:
     for problem, fix in lk_env.hook_problems():
         check(False, problem, fix)
     warnings = data_folder_warnings()
+    print(thread_line())
 
     from ..nnunet_io import find_trainer_class
     from ..training.trainers import all_trainers
@@ -71,3 +72,18 @@ def data_folder_warnings() -> list:
         print(f"       set it before using nnU-Net: export {var}=/path/to/{var}"
               + (f" (or create it: mkdir -p {value})" if value else ""))
     return warnings
+
+
+def thread_line() -> str:
+    """What torch's thread count will be for nnunet-lk trainers under the stock commands on a CPU."""
+    import multiprocessing
+    from .. import settings
+    cores = multiprocessing.cpu_count()  # what nnUNetv2_predict/-train -device cpu set
+    if settings.threads() is not None:
+        return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {settings.threads()} in training "
+                f"and prediction ({settings.THREADS}={settings.threads()})")
+    training = settings.cpu_threads(cores)
+    settings.mark_prediction_process()
+    return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {training} in training (the usable "
+            f"cores; nnU-Net sets {cores}), {settings.cpu_threads(cores)} in prediction now (the idle cores: load "
+            f"{os.getloadavg()[0]:.1f} on {settings.usable_cores()}); set {settings.THREADS}=N to fix both")

@@ -49,10 +49,13 @@ def cmd_predict_onnx(args) -> int:
     from ..export import ExportError, onnx_predictor
     from ..interrupt import install as end_on_interrupt
     from ..nonfinite_inputs import NonFiniteInputError, refuse_non_finite_inputs
+    from .. import settings
+    settings.mark_prediction_process()
+    threads = args.threads or settings.cpu_threads(settings.usable_cores())
     try:
         predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
                                    use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
-                                   threads=args.threads, verbose=args.verbose)
+                                   threads=threads, verbose=args.verbose)
         inputs, damaged = _undamaged_inputs(args.input, predictor.dataset_json["file_ending"])
         refuse_non_finite_inputs(args.input, predictor, skip=damaged)
     except (ExportError, CheckpointError, NonFiniteInputError) as e:
@@ -132,6 +135,7 @@ def register(subparsers) -> None:
     p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
     p.add_argument("-npp", type=int, default=1, help="preprocessing processes (0: no multiprocessing)")
     p.add_argument("-nps", type=int, default=1, help="export processes (0: no multiprocessing)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: NNUNET_LK_THREADS, else the cores idle now)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_predict_onnx)

@@ -28,70 +28,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..losses.scheduled import StrictDeepSupervisionWrapper, apply_loss_weights
 from ..losses.schedules import get_schedule, progress
 from ..networks import build_backbone, get_backbone
-from ..errors import NetworkConfigError, UsageError
+from ..errors import NetworkConfigError
 from ..nnunet_io import read_checkpoint
+from .. import settings
 from ..plans import backbone_options, configuration_strides, plans_use, validate_configuration
 from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
-
-# Short-budget knobs read by every nnunet-lk trainer (nnU-Net's own idiom is a class per budget,
-# e.g. nnUNetTrainer_5epochs; one set of variables covers every backbone and loss variant).
-BUDGET_ENV = {
-    "num_epochs": "NNUNET_LK_EPOCHS",
-    "num_iterations_per_epoch": "NNUNET_LK_ITERATIONS",
-    "num_val_iterations_per_epoch": "NNUNET_LK_VAL_ITERATIONS",
-    "save_every": "NNUNET_LK_SAVE_EVERY",
-}
-
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        parsed = int(value)
-    except ValueError:
-        raise UsageError(f"{name}={value!r} is not an integer; unset it or give a positive integer") from None
-    if parsed < 1:
-        raise UsageError(f"{name}={value!r} must be a positive integer")
-    return parsed
-
-
-VALIDATION_MIRRORING_ENV = "NNUNET_LK_VAL_MIRRORING"
-
-
-THREADS_ENV = "NNUNET_LK_THREADS"
-
-
-def apply_thread_budget() -> None:
-    """``NNUNET_LK_THREADS=T`` (set per job by ``ablate --run --executor local``): torch uses T threads.
-    nnUNetv2_train -device cpu sets all cores before it builds the trainer, so this runs after it and wins."""
-    threads = _env_int(THREADS_ENV)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def validation_mirroring_enabled() -> bool:
-    """``NNUNET_LK_VAL_MIRRORING=0``: the validation that ends nnUNetv2_train runs without test-time
-    mirroring (4x faster in 2D, 8x in 3D; for tests on a CPU). Checkpoints and later predictions keep the
-    trained mirroring axes: this only changes that one validation."""
-    value = os.environ.get(VALIDATION_MIRRORING_ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-        raise UsageError(f"{VALIDATION_MIRRORING_ENV}={value!r}: use 0 (off) or 1 (on, nnU-Net's default)")
-    return value in ("1", "true", "yes", "on")
-
-
-def validate_with_budget_mirroring(trainer, validate, save_probabilities: bool) -> None:
-    """Run nnU-Net's ``perform_actual_validation`` (``validate``), without mirroring if the budget says so."""
-    if validation_mirroring_enabled():
-        return validate(save_probabilities)
-    axes = trainer.inference_allowed_mirroring_axes
-    trainer.inference_allowed_mirroring_axes = None
-    trainer.print_to_log_file(f"{VALIDATION_MIRRORING_ENV}=0: this validation runs without test-time mirroring")
-    try:
-        return validate(save_probabilities)
-    finally:
-        trainer.inference_allowed_mirroring_axes = axes
-
+from .run_settings import RunSettingsMixin, apply_thread_budget
 
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
@@ -108,7 +50,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error if inner is None else _root_cause(inner)
 
 
-class nnUNetTrainerLK(nnUNetTrainer):
+class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
     """Base of every nnunet-lk trainer. Subclasses set ``backbone`` (a registry name) and optionally
     ``loss_schedule`` / ``loss_schedule_params``, and ``recipe`` ("paper": the optimiser and learning-rate
     schedule of the backbone's paper or official code, ``training/recipes.py``; None: nnU-Net's own)."""
@@ -135,12 +77,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
                 f"{'2d' if 2 in spec.dims else '3d_fullres'} configuration.")
         self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
         self._recipe = paper_recipe(self.backbone, dim) if self.recipe == "paper" else None  # fails now if none
-        for attribute, env in BUDGET_ENV.items():
-            value = _env_int(env)
-            if value is not None:
-                setattr(self, attribute, value)
-        self._budget_from_env = {a for a, env in BUDGET_ENV.items() if _env_int(env) is not None}
-        apply_thread_budget()
+        self.apply_run_settings()
 
     def _do_i_compile(self) -> bool:
         style = backbone_options(self.configuration_manager, self.backbone).get("checkpoint_style", "off")
@@ -175,6 +112,7 @@ class nnUNetTrainerLK(nnUNetTrainer):
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
         # A classmethod is called on the class just like nnU-Net's staticmethod (no instance state),
         # and lets each subclass name its backbone.
+        apply_thread_budget()  # nnUNetv2_predict has just set torch to every core; this is our one hook
         strides, kernel_sizes = configuration_strides(configuration_manager)
         dim = len(configuration_manager.patch_size)
         return build_backbone(cls.backbone, dim=dim, input_channels=num_input_channels,
@@ -309,12 +247,9 @@ class nnUNetTrainerLK(nnUNetTrainer):
             self.network = inner._orig_mod
         return True
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        return validate_with_budget_mirroring(self, super().perform_actual_validation, save_probabilities)
-
     # ---- checkpoints -----------------------------------------------------------------------------
     def _budget(self) -> dict:
-        return {a: int(getattr(self, a)) for a in BUDGET_ENV} | {"loss_schedule": self.loss_schedule,
+        return {a: int(getattr(self, a)) for a in settings.BUDGET} | {"loss_schedule": self.loss_schedule,
                                                                  "backbone": self.backbone, "recipe": self.recipe}
 
     def save_checkpoint(self, filename: str) -> None:
@@ -345,11 +280,11 @@ class nnUNetTrainerLK(nnUNetTrainer):
         if isinstance(filename_or_checkpoint, str):
             checkpoint = read_checkpoint(filename_or_checkpoint)
             saved = checkpoint.get("nnunet_lk", {})
-            for attribute in BUDGET_ENV:
+            for attribute in settings.BUDGET:
                 if attribute in saved and attribute not in self._budget_from_env:
                     setattr(self, attribute, saved[attribute])
                 elif attribute in saved and saved[attribute] != getattr(self, attribute):
-                    self.print_to_log_file(f"Note: {BUDGET_ENV[attribute]} sets {attribute}={getattr(self, attribute)}"
+                    self.print_to_log_file(f"Note: {settings.BUDGET[attribute]} sets {attribute}={getattr(self, attribute)}"
                                            f" but the checkpoint was trained with {saved[attribute]}; the loss "
                                            f"schedule follows the new value.")
         # nnU-Net 2.8.1's load_checkpoint breaks when given a dict, so it reads the file again (resume only).
