@@ -14,9 +14,16 @@ EXTRAS = {
 }
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that cannot import it, or a broken __spec__
+        return False
+
+
 def require_extra(extra: str, purpose: str) -> None:
     """Raise ``MissingExtraError`` naming the pip extra if a module of ``extra`` is not installed."""
-    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    missing = [m for m in EXTRAS[extra] if not _installed(m)]
     if missing:
         raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, which is not installed: "
                                 f"pip install 'nnunet-lk[{extra}]' (or the packages themselves)")

@@ -9,8 +9,8 @@ on that lock forever, so the main process hangs until a second Ctrl-C (measured:
 ``install(output_folder)`` replaces the SIGINT handler: pass the interrupt on to every child, give them a
 moment to stop between Python statements (an export in C code, such as SimpleITK writing a file, finishes
 first), kill those that remain, remove the outputs of this run that are incomplete (so that
-``--continue_prediction`` predicts them again), say what is kept, and exit 130. Outputs that existed before
-the run are never touched."""
+``--continue_prediction`` predicts them again), say what is kept, and exit 130. Files this run did not write are
+never touched."""
 from __future__ import annotations
 
 import os

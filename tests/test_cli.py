@@ -233,3 +233,28 @@ def test_list_and_summary_help_show_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["summary", "--help"])
     assert "lmnet: levels=5, width=12, heads=12" in capsys.readouterr().out
+
+
+OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "monai", "submitit", "matplotlib")
+BLOCK_OPTIONAL = f'''import sys
+class _NoExtras:
+    """As if nnunet-lk were installed without its extras."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {OPTIONAL!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, _NoExtras())
+'''
+
+
+def test_every_command_help_works_without_the_optional_extras(tmp_path):
+    """`pip install nnunet-lk` without extras: every command's --help still works (the extras are imported only
+    behind their guard)."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_OPTIONAL)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    blocked = _nnunet_lk("export", "x", "-f", "0", "-o", str(tmp_path / "m.onnx"), env=env)
+    assert blocked.returncode != 0 and "pip install 'nnunet-lk[export]'" in blocked.stderr  # the block works
+    commands = ("list", "summary", "env", "doctor", "plans", "bench", "ablate", "export", "predict-onnx")
+    for command in ("", *commands):
+        proc = _nnunet_lk(*([command] if command else []), "--help", env=env)
+        assert proc.returncode == 0 and "usage: nnunet-lk" in proc.stdout, (command, proc.stderr[-2000:])
+        assert "ModuleNotFoundError" not in proc.stderr
