@@ -47,7 +47,7 @@ done
 for b in dlkunet_m lgmsnet lmnet mslkseg; do
     "$BIN/nnunet-lk" plans -d 4 -c 3d_fullres --backbone $b --gpu-memory 2 --force > "$OUT/plans_$b.log" 2>&1 \
         || { note "FAIL plans $b (see plans_$b.log)"; continue; }
-    trainer=$("$PY" -c "from nnunet_lk.bench import default_trainers, resolve_trainer as r; print([t for t in default_trainers() if r(t).backbone == '$b'][0])")
+    trainer=$("$PY" -c "from nnunet_lk.nnunet_io import default_trainers, resolve_trainer as r; print([t for t in default_trainers() if r(t).backbone == '$b'][0])")
     timeout 90 "$BIN/nnunet-lk" bench -d 4 -c 3d_fullres -p nnUNetPlans_${b}_2GB --trainers "$trainer" --device cuda \
         --warmup 1 --repeats 1 -o "$OUT" > "$OUT/bench_plans_$b.log" 2>&1
     "$PY" - "$OUT/bench_Dataset004_Hippocampus_3d_fullres_nnUNetPlans_${b}_2GB_cuda.json" <<'EOF' | tee -a "$SUMMARY"

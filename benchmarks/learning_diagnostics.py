@@ -95,7 +95,7 @@ class Context:
     def __init__(self, folder: str, plans_name: str, configuration: str):
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.crossval_split import generate_crossval_split
-        from nnunet_lk.bench import plans_context
+        from nnunet_lk.nnunet_io import plans_context
         self.folder = Path(folder)
         self.plans = json.loads((self.folder / f"{plans_name}.json").read_text())
         self.dataset_json = json.loads((self.folder / "dataset.json").read_text())

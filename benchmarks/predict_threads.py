@@ -2,8 +2,8 @@
 core busy. A benchmark script, not a test; it needs a trained nnunet-lk model folder (it trains nothing).
 
 Settings, interleaved within each block and repeat: ``NNUNET_LK_THREADS=1``, ``=N`` (every usable core), and
-unset (our default: the cores idle when the prediction starts). Blocks: idle, then one core kept busy by a
-spinning process started ``--warm-up`` seconds earlier (the default reads the last minute's load average).
+unset (our default: the cores idle when the prediction starts, sampled from /proc/stat). Blocks: idle, then
+one core kept busy by a spinning process started ``--warm-up`` seconds earlier.
 Each run is the whole command (start-up, model loading, preprocessing, sliding window, export) with
 ``-npp 0 -nps 0``; per case = wall time / cases. The roof beside it: fp32 sgemm measured in the same run.
 
@@ -50,10 +50,15 @@ def predict_once(model: Path, fold: str, cases: Path, threads, env: dict) -> flo
     run_env.pop(settings.THREADS, None)
     if threads is not None:
         run_env[settings.THREADS] = str(threads)
+    # nnUNetv2_predict (its -npp 0 -nps 0 path; the model-folder entry point always starts worker pools), with
+    # nnUNet_results, dataset, trainer, plans and configuration read from the model folder's path
+    trainer, plans, configuration = model.name.split("__")
+    run_env["nnUNet_results"] = str(model.parent.parent)
     start = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(cases),
-                           "-o", str(out), "-m", str(model), "-f", fold, "-device", "cpu", "-npp", "0", "-nps", "0",
-                           "--disable_progress_bar"], env=run_env, capture_output=True, text=True)
+    proc = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(cases), "-o", str(out),
+                           "-d", model.parent.name, "-tr", trainer, "-p", plans, "-c", configuration, "-f", fold,
+                           "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"],
+                          env=run_env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
@@ -68,8 +73,8 @@ def main() -> int:
     parser.add_argument("-i", "--input", required=True, type=Path, help="cases to predict")
     parser.add_argument("--cases", type=int, default=3, help="cases used from -i (default 3)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warm-up", type=float, default=75.0,
-                        help="seconds the spinning process runs before the busy block (the load average lags)")
+    parser.add_argument("--warm-up", type=float, default=5.0,
+                        help="seconds the spinning process runs before the busy block")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "predict_threads")
     args = parser.parse_args()
 
@@ -103,7 +108,7 @@ def main() -> int:
             rows.append({"block": block, "threads": "default" if threads is None else threads,
                          "seconds": [round(s, 2) for s in seconds[threads]], "per_case_s": round(median / n_cases, 2),
                          "sgemm_gflops": {str(t): round(g, 1) for t, g in roof.items()},
-                         "load_avg_at_runs": [round(x, 2) for x in loads]})
+                         "load_avg_at_runs": [round(x, 2) for x in loads]})  # context only
         print(f"{block}: " + ", ".join(f"{r['threads']}: {r['per_case_s']} s/case" for r in rows[-3:]), flush=True)
     shutil.rmtree(cases, ignore_errors=True)
     for block in ("idle", "one core busy"):
@@ -112,8 +117,8 @@ def main() -> int:
         for r in block_rows:
             r["vs_best"] = round(r["per_case_s"] / best, 2)
     result = {"model": str(args.model), "cases": n_cases, "repeats": args.repeats, "usable_cores": cores,
-              "machine": platform.processor() or platform.machine(), "command": "nnUNetv2_predict_from_modelfolder "
-              "-device cpu -npp 0 -nps 0 (whole command, per case = wall / cases)", "rows": rows}
+              "machine": platform.processor() or platform.machine(), "command": "nnUNetv2_predict -device cpu "
+              "-npp 0 -nps 0 (whole command, per case = wall / cases)", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# nnUNetv2_predict per case against torch threads ({n_cases} cases, {args.repeats} repeats, "
@@ -122,8 +127,8 @@ def main() -> int:
     for r in rows:
         roof = ", ".join(f"{t}: {g}" for t, g in r["sgemm_gflops"].items())
         lines.append(f"| {r['block']} | {r['threads']} | {r['per_case_s']} | {r['vs_best']} | {roof} |")
-    lines += ["", "default = unset: the cores idle when the prediction starts (usable cores less the last minute's "
-              "load average, rounded). Whole command per case, so start-up and model loading are included."]
+    lines += ["", "default = unset: the cores idle when the prediction starts (each usable core sampled from "
+              "/proc/stat over 0.25 s). Whole command per case, so start-up and model loading are included."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

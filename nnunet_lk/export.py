@@ -39,8 +39,8 @@ import torch.nn as nn
 from .blocks.ops import with_axiswise_norms
 from .errors import ExportError
 from .extras import require_extra
-from .nnunet_io import read_checkpoint
-from .model_folder import LoadedFold, find_trainer_class, fold_folder, load_fold  # noqa: F401  (public here too)
+from .checkpoints import read_checkpoint
+from .model_folder import LoadedFold, checkpoint_trainer_class, fold_folder, load_fold  # noqa: F401  (public here too)
 
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "image"
@@ -355,7 +355,7 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
     fold_name = fold if fold == "all" else int(fold)
     path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)
     if os.path.isfile(path):  # clear errors for a truncated/foreign file or an unknown trainer before nnU-Net's
-        find_trainer_class(read_checkpoint(path)["trainer_name"], path)
+        checkpoint_trainer_class(read_checkpoint(path)["trainer_name"], path)
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                                 verbose_preprocessing=False, allow_tqdm=False)

@@ -57,7 +57,7 @@ def checkpoint_hint(frames: dict) -> str | None:
         return (f"{PREFIX} {path} does not exist. Checkpoints in that fold: {present or 'none'}. Fix: finish the "
                 f"training (nnUNetv2_train ... --c), pick another with -chk, or leave out folds that have none (-f).")
     from .errors import CheckpointError
-    from .nnunet_io import read_checkpoint
+    from .checkpoints import read_checkpoint
     try:
         read_checkpoint(path)
     except CheckpointError as e:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from .errors import CheckpointError, ExportError, TrainerNotFoundError
-from .nnunet_io import read_checkpoint
+from .checkpoints import read_checkpoint
 
 
 @dataclass
@@ -29,7 +29,7 @@ class LoadedFold:
     inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]
 
 
-def find_trainer_class(trainer_name: str, checkpoint_path: str):
+def checkpoint_trainer_class(trainer_name: str, checkpoint_path: str):
     """The class nnU-Net builds the fold's network with: the one the checkpoint names (nnU-Net's own lookup)."""
     from .hints import checkpoint_trainer_hint
     from .nnunet_io import find_trainer_class as lookup
@@ -71,7 +71,7 @@ def load_fold(results_folder: str, fold, checkpoint_name: str = "checkpoint_fina
     configuration_manager = plans_manager.get_configuration(configuration)
     n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    trainer_class = find_trainer_class(checkpoint["trainer_name"], path)
+    trainer_class = checkpoint_trainer_class(checkpoint["trainer_name"], path)
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
                                                        enable_deep_supervision=False)
     try:

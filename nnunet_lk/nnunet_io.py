@@ -1,15 +1,22 @@
-"""The nnU-Net I/O every command shares, in one place: trainer lookup by name (nnU-Net's own, with its search
-messages kept out of our output), dataset name resolution, a configuration's managers and channel counts, and
-reading a checkpoint with clear errors."""
+"""The nnU-Net lookups every command shares, in one place: trainers by name (ours, the stock ones, then
+nnU-Net's own lookup with its search messages kept out of our output), the default trainer of each backbone,
+dataset names, a dataset's plans, and a configuration's managers and channel counts. Checkpoints:
+``checkpoints.py``."""
 from __future__ import annotations
 
 import contextlib
 import io
 import os
 
-import torch
+import json
+from pathlib import Path
+from typing import Dict, List
 
-from .errors import CheckpointError, TrainerNotFoundError, UsageError
+from .errors import TrainerNotFoundError, UsageError
+
+STOCK_TRAINER = "nnUNetTrainer"
+STOCK_BUDGET_TRAINER = "nnUNetTrainerStockBudget"  # stock nnU-Net on our budget variables (training/stock.py)
+STOCK_TRAINERS = (STOCK_TRAINER, STOCK_BUDGET_TRAINER)
 
 
 def plans_context(plans: dict, dataset_json: dict, configuration: str):
@@ -53,35 +60,45 @@ def dataset_name(dataset: str) -> str:
         raise UsageError(f"dataset {dataset!r}: {e}") from None
 
 
-# nnUNetv2_train --c loads the first of these that exists (nnunetv2.run.run_training.maybe_load_checkpoint).
-RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+def default_trainers() -> List[str]:
+    """One trainer per registered backbone: the plain one (default sigmoid loss schedule, no suffix)."""
+    from .training.trainers import all_trainers
+    by_backbone: Dict[str, List[str]] = {}
+    for name, cls in all_trainers().items():
+        by_backbone.setdefault(cls.backbone, []).append(name)
+    chosen = []
+    for backbone, names in sorted(by_backbone.items()):
+        plain = [n for n in names if "_" not in n] or names
+        chosen.append(min(plain, key=len))
+    return chosen
 
 
-def checkpoint_alternatives(filename: str) -> str:
-    """What to use instead of the unusable ``filename``, naming only checkpoints that exist beside it."""
-    folder, name = os.path.split(os.path.abspath(filename))
-    others = sorted(p for p in os.listdir(folder) if p.endswith(".pth") and p != name) if os.path.isdir(folder) else []
-    if not others:
-        return (f"{folder} holds no other checkpoint: move {name} aside and train this fold again (nnUNetv2_train "
-                f"without --c).")
-    resume = next((p for p in RESUME_ORDER if p in others), None)
-    train = (f"To train on, move {name} aside: `nnUNetv2_train ... --c` then continues from {resume}." if resume
-             else "`nnUNetv2_train ... --c` finds none of them to resume from: retrain the fold.")
-    return (f"Other checkpoints in {folder}: {', '.join(others)}. To predict, choose one with -chk (e.g. -chk "
-            f"{resume or others[0]}). {train}")
+def resolve_trainer(name: str):
+    """Trainer class by name: ours, our stock-budget trainer, stock nnU-Net's, then nnU-Net's own lookup."""
+    from .training.trainers import all_trainers
+    ours = all_trainers()
+    if name in ours:
+        return ours[name]
+    if name == STOCK_TRAINER:
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        return nnUNetTrainer
+    if name == STOCK_BUDGET_TRAINER:
+        from .training.stock import nnUNetTrainerStockBudget
+        return nnUNetTrainerStockBudget
+    return find_trainer_class(name, not_found_hint=f"unknown trainer {name!r}: not an nnunet-lk trainer "
+                                                   f"(`nnunet-lk list`) and nnU-Net cannot find it")
 
 
-def read_checkpoint(filename: str) -> dict:
-    """Load an nnU-Net checkpoint, turning truncated or foreign files into a clear error."""
-    try:
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated/corrupt zip archives
-        raise CheckpointError(
-            f"{filename} cannot be read ({type(e).__name__}: {e}). It is truncated or not a torch file. "
-            f"{checkpoint_alternatives(filename)}") from e
-    missing = [k for k in ("network_weights", "init_args", "trainer_name", "current_epoch")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{filename} is not an nnU-Net checkpoint (missing {missing}); give the "
-                              f"checkpoint_final.pth of an nnU-Net training. {checkpoint_alternatives(filename)}")
-    return checkpoint
+def load_plans(dataset: str, plans_name: str = "nnUNetPlans"):
+    """(plans, dataset_json, dataset folder name) from $nnUNet_preprocessed/DatasetXXX/."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    if not nnUNet_preprocessed:
+        raise UsageError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
+    name = dataset_name(dataset)
+    folder = Path(nnUNet_preprocessed) / name
+    plans_file, dataset_file = folder / f"{plans_name}.json", folder / "dataset.json"
+    for f in (plans_file, dataset_file):
+        if not f.is_file():
+            raise UsageError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
+                             f"(or name existing plans with -p)")
+    return json.loads(plans_file.read_text()), json.loads(dataset_file.read_text()), name

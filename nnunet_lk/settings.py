@@ -6,6 +6,7 @@ at import), so it can be set per process and flipped at run time."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 from .errors import UsageError
@@ -28,6 +29,7 @@ BUDGET = {
     "save_every": SAVE_EVERY,
 }
 DEPTHWISE_MODES = ("fast", "torch")
+IDLE_WINDOW_SECONDS = 0.25
 _BOOLEAN = {"0": False, "false": False, "no": False, "off": False, "1": True, "true": True, "yes": True, "on": True}
 
 
@@ -92,25 +94,49 @@ def mark_prediction_process() -> None:
 def cpu_threads(current: int) -> int:
     """Threads for a network nnU-Net is about to run on a CPU: ``NNUNET_LK_THREADS`` if set; else ``current``
     (what nnU-Net set: every core of the machine for -device cpu, 1 for CUDA prediction) capped at the cores
-    this process may use, and in a prediction process at the cores that are idle now. A thread on a busy core
+    this process may use, and in a prediction process at the cores idle right now. A thread on a busy core
     stalls every parallel op at its barrier: measured on 2 cores with one busy, a 2-thread LGMSNet forward took
     288 ms against 10.5 ms with one thread, and nnUNetv2_predict took 525 s against 21 s (idle: 2 threads
-    9 ms, 1 thread 11 ms). Training runs for hours, so a load measured at its start says little: there, only
+    9 ms, 1 thread 11 ms). Training runs for hours, so what is idle at its start says little: there, only
     the cap at the usable cores applies."""
     fixed = threads()
     if fixed is not None:
         return fixed
+    if current <= 1:  # nothing to cap (CUDA prediction): no sampling
+        return current
     return min(current, idle_cores() if _prediction_process else usable_cores())
 
 
-def idle_cores() -> int:
-    """The usable cores less the load of the last minute (rounded), at least 1."""
+def _cpu_times() -> dict:
+    """cpu number -> (idle + iowait ticks, all ticks) from /proc/stat (Linux)."""
+    times = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0].startswith("cpu") and fields[0][3:].isdigit():
+                ticks = [int(x) for x in fields[1:]]
+                times[int(fields[0][3:])] = (ticks[3] + ticks[4], sum(ticks))
+    return times
+
+
+def idle_cores(window: float = IDLE_WINDOW_SECONDS) -> int:
+    """The usable cores that were idle more than half of the last ``window`` seconds (sampled now, while this
+    process waits), at least 1; the usable cores where /proc/stat cannot be read. A load average would count
+    the previous prediction of a sequence as load."""
     usable = usable_cores()
     try:
-        load = os.getloadavg()[0]
-    except OSError:
+        cpus = os.sched_getaffinity(0)
+        before = _cpu_times()
+        time.sleep(window)
+        after = _cpu_times()
+    except (OSError, AttributeError, ValueError, IndexError):
         return usable
-    return max(1, min(usable, usable - int(load + 0.5)))
+    idle = 0
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            total = after[cpu][1] - before[cpu][1]
+            idle += total <= 0 or (after[cpu][0] - before[cpu][0]) / total > 0.5
+    return max(1, min(usable, idle))
 
 
 def usable_cores() -> int:

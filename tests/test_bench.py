@@ -21,12 +21,13 @@ MEMORY = ("inference_memory_mib", "train_memory_mib")
 
 
 def test_default_trainers_one_plain_per_backbone():
-    trainers = bench.default_trainers()
-    backbones = [bench.resolve_trainer(t).backbone for t in trainers]
+    from nnunet_lk.nnunet_io import default_trainers, resolve_trainer
+    trainers = default_trainers()
+    backbones = [resolve_trainer(t).backbone for t in trainers]
     assert sorted(backbones) == registry.list_backbones()
     assert all("_" not in t for t in trainers)  # the plain sigmoid-loss trainer, no ablation variants
     with pytest.raises(ValueError, match="unknown trainer"):
-        bench.resolve_trainer("nnUNetTrainerNoSuchThing")
+        resolve_trainer("nnUNetTrainerNoSuchThing")
 
 
 def test_cli_bench_tiny_plan_isolated(nnunet_dirs, hippocampus_plans, hippocampus_dataset_json, tmp_path, capsys):

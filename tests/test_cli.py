@@ -168,7 +168,7 @@ def test_doctor_right_after_install_warns_about_data_folders_and_passes():
     assert "with -device cpu: 1 in training and prediction (NNUNET_LK_THREADS=1)" in proc.stdout
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         assert f"[warn] {var} is not set" in proc.stdout and f"export {var}=" in proc.stdout
-    assert "in prediction now (the idle cores: load" in _nnunet_lk("doctor", env=env).stdout
+    assert "in prediction now (the cores idle at its start, of" in _nnunet_lk("doctor", env=env).stdout
     assert "[FAIL]" not in proc.stdout and "[ok] nnU-Net finds nnUNetTrainerDLKUNetS" in proc.stdout
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from nnunet_lk.bench import plans_context, resolve_trainer
+from nnunet_lk.nnunet_io import plans_context, resolve_trainer
 from nnunet_lk.cli.main import main
 from nnunet_lk.memory.estimate import estimate_for_plans, estimate_training, trainer_builder
 from nnunet_lk.memory.planner import memory_warning, plan_for_memory

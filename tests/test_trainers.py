@@ -153,7 +153,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_complete_one(hippocampus_pl
 
 def test_unreadable_checkpoint_is_a_clear_error(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, tmp_path):
     from nnunet_lk.errors import CheckpointError
-    from nnunet_lk.nnunet_io import read_checkpoint
+    from nnunet_lk.checkpoints import read_checkpoint
     bad = tmp_path / "checkpoint_final.pth"
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="truncated or not a torch file"):
@@ -299,24 +299,48 @@ def test_stock_budget_trainer_and_ours_share_the_run_settings():
         assert cls.perform_actual_validation is run_settings.RunSettingsMixin.perform_actual_validation
 
 
-@pytest.mark.parametrize("threads,predicting,current,cores,load,expected", [
-    (None, False, 2, 2, 1.2, 2),  # training -device cpu on 2 cores: all usable cores, whatever the load
-    (None, False, 16, 4, 0.0, 4),  # cpu_count() says 16, the affinity (taskset, cpuset, SLURM) allows 4
-    (None, True, 2, 2, 0.3, 2),  # nnUNetv2_predict -device cpu on an idle 2-core machine: both cores
-    (None, True, 2, 2, 1.2, 1),  # one core busy: one thread (2 threads took 25x longer, measured)
-    (None, True, 8, 8, 20.0, 1),  # overloaded: still one
-    (None, True, 1, 16, 0.0, 1),  # CUDA prediction: nnU-Net's one thread stays
-    ("3", True, 16, 4, 3.0, 3),  # NNUNET_LK_THREADS wins
+@pytest.mark.parametrize("threads,predicting,current,usable,idle,expected", [
+    (None, False, 2, 2, 1, 2),  # training -device cpu on 2 cores: all usable cores, whatever is busy
+    (None, False, 16, 4, 4, 4),  # cpu_count() says 16, the affinity (taskset, cpuset, SLURM) allows 4
+    (None, True, 2, 2, 2, 2),  # nnUNetv2_predict -device cpu on an idle 2-core machine: both cores
+    (None, True, 2, 2, 1, 1),  # one core busy: one thread (2 threads took 25x longer, measured)
+    (None, True, 1, 16, 16, 1),  # CUDA prediction: nnU-Net's one thread stays
+    ("3", True, 16, 4, 1, 3),  # NNUNET_LK_THREADS wins
 ])
-def test_cpu_threads(monkeypatch, threads, predicting, current, cores, load, expected):
-    monkeypatch.setattr(settings, "usable_cores", lambda: cores)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+def test_cpu_threads(monkeypatch, threads, predicting, current, usable, idle, expected):
+    monkeypatch.setattr(settings, "usable_cores", lambda: usable)
+    monkeypatch.setattr(settings, "idle_cores", lambda: idle)
     monkeypatch.setattr(settings, "_prediction_process", predicting)
     if threads is None:
         monkeypatch.delenv(settings.THREADS, raising=False)
     else:
         monkeypatch.setenv(settings.THREADS, threads)
     assert settings.cpu_threads(current) == expected
+
+
+def test_idle_cores_from_proc_stat_snapshots(monkeypatch):
+    """Per usable cpu: idle when idle+iowait ticks are over half of its ticks in the window."""
+    snapshots = iter([{0: (100, 1000), 1: (200, 1000), 2: (0, 1000)},
+                      {0: (125, 1025), 1: (205, 1025), 2: (25, 1025)}])  # cpu 0 idle, 1 busy, 2 idle, not ours
+    monkeypatch.setattr(settings, "_cpu_times", lambda: next(snapshots))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(settings, "usable_cores", lambda: 2)
+    assert settings.idle_cores(window=0) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two usable cores")
+def test_idle_cores_sees_a_busy_core(tmp_path):
+    usable = sorted(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{usable[0]}}})\n"
+                                                      f"while True: pass"])
+    try:
+        import time
+        time.sleep(0.5)
+        assert settings.idle_cores() <= len(usable) - 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_the_network_nnunet_predict_builds_runs_on_the_thread_budget(monkeypatch, hippocampus_plans):
@@ -510,3 +534,22 @@ def test_thread_budget_reaches_torch_in_every_trainer(hippocampus_plans, hippoca
                           nnunet_dirs)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_2d_only_backbone_on_3d_plans_fails_at_construction_with_one_message(hippocampus_plans,
+                                                                                hippocampus_dataset_json, nnunet_dirs,
+                                                                                monkeypatch):
+    """One dimension check (the backbone spec's), worded the same by the trainer, the builder and bench. Every
+    shipped backbone has 2D and 3D forms: LM-Net is made 2D-only here."""
+    import dataclasses
+    from nnunet_lk.bench import precheck
+    from nnunet_lk.networks import build_backbone, registry
+    monkeypatch.setitem(registry._REGISTRY, "lmnet", dataclasses.replace(registry.get_backbone("lmnet"), dims=(2,)))
+    problem = "lmnet is a 2D network and this configuration is 3D"
+    with pytest.raises(NetworkConfigError, match=rf"nnUNetTrainerLMNet trains {problem} \('3d_fullres'\): use a 2d "):
+        _make_trainer(lk_trainers.nnUNetTrainerLMNet, hippocampus_plans, "3d_fullres", hippocampus_dataset_json,
+                      nnunet_dirs)
+    with pytest.raises(NetworkConfigError, match=rf"^{problem}: use a 2d configuration\.$"):
+        build_backbone("lmnet", dim=3, input_channels=1, num_classes=2)
+    assert precheck("nnUNetTrainerLMNet", [40, 56, 40]) == problem
+    assert precheck("nnUNetTrainerLMNet", [56, 40]) is None

@@ -10,7 +10,7 @@ plots and JSON are written by ``report``. ``--run`` first trains the missing (tr
 ``nnUNetv2_train`` (``runner``), one after the other, several at once on this machine or as SLURM jobs through
 submitit (``executors``, ``jobs``, ``slurm``, ``state``).
 """
-from ..bench import STOCK_BUDGET_TRAINER, STOCK_TRAINER, STOCK_TRAINERS
+from ..nnunet_io import STOCK_BUDGET_TRAINER, STOCK_TRAINER, STOCK_TRAINERS
 from .collect import Ablation, collect, network_figures, summarize
 from .executors import EXECUTORS, RunOptions, RunOutcome, run_pairs
 from .jobs import TrainFold, TrainJob, plan_jobs

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..bench import dataset_name, resolve_trainer
+from ..nnunet_io import dataset_name, resolve_trainer
 from ..errors import UsageError
 from .metrics import fold_case_metrics
 from .results import (ALL_FOLDS, FoldRun, checkpoint_curves, default_baseline, discover_trainers, label_names,
@@ -41,7 +41,7 @@ def network_figures(trainer: str, model_dir: Path, configuration: str, latency_r
     import torch
 
     from ..analysis import count_macs
-    from ..bench import plans_context
+    from ..nnunet_io import plans_context
     from ..networks.unet import count_parameters
     plans = json.loads((model_dir / "plans.json").read_text())
     dataset_json = json.loads((model_dir / "dataset.json").read_text())

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..bench import STOCK_BUDGET_TRAINER, STOCK_TRAINER
+from ..checkpoints import RESUME_ORDER
+from ..nnunet_io import STOCK_BUDGET_TRAINER, STOCK_TRAINER
 
 
 ALL_FOLDS = (0, 1, 2, 3, 4)
@@ -61,7 +62,7 @@ class FoldRun:
 
     @property
     def resumable(self) -> bool:
-        return any((self.path / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_best.pth"))
+        return any((self.path / f).is_file() for f in RESUME_ORDER[1:])  # a final one means complete
 
 
 def model_folder(results_root, dataset: str, trainer: str, plans: str, configuration: str) -> Path:
@@ -140,7 +141,7 @@ def parse_training_logs(fold_path: Path) -> Dict[int, dict]:
 
 def checkpoint_curves(fold_path: Path) -> Dict[int, dict]:
     """The same from the checkpoint's 'logging' dict, for folds whose logs are gone."""
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+    for name in RESUME_ORDER:
         f = Path(fold_path) / name
         if f.is_file():
             import torch

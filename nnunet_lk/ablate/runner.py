@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..bench import STOCK_BUDGET_TRAINER, STOCK_TRAINER, dataset_name, default_trainers
+from ..nnunet_io import STOCK_BUDGET_TRAINER, STOCK_TRAINER, dataset_name, default_trainers
 from .. import settings
 from ..process_group import run_streaming
 from .results import ALL_FOLDS, FoldRun, model_folder

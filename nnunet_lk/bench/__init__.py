@@ -18,19 +18,13 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .. import settings
 from ..errors import UsageError
-from ..nnunet_io import dataset_name, plans_context  # noqa: F401  (re-exported: ablate and the CLI use them here)
-
-STOCK_TRAINER = "nnUNetTrainer"  # defined before the submodules are imported: report uses it
-STOCK_BUDGET_TRAINER = "nnUNetTrainerStockBudget"
-STOCK_TRAINERS = (STOCK_TRAINER, STOCK_BUDGET_TRAINER)
-
-from .measure import VARIANTS, measure_network  # noqa: E402
-from .report import fmt_count, markdown_table, write_outputs  # noqa: E402,F401  (the CLI and tests use them here)
+from ..nnunet_io import STOCK_TRAINER, default_trainers, plans_context, resolve_trainer
+from .measure import VARIANTS, measure_network
+from .report import fmt_count, markdown_table, write_outputs  # noqa: F401  (the CLI and tests use them here)
 
 # figures compared (smaller is better for all): ratio = value / stock's; speed-up = torch path's / value
 SPEEDUP_KEYS = ("latency_ms_median", "latency_unfused_ms_median", "train_step_ms_median")
@@ -40,51 +34,6 @@ RATIO_KEYS = ("params", "params_without_ds_heads", "macs", "latency_ms_median", 
 
 
 # ---- trainers and plans ---------------------------------------------------------------------------------
-def default_trainers() -> List[str]:
-    """One trainer per registered backbone: the plain one (default sigmoid loss schedule, no suffix)."""
-    from ..training.trainers import all_trainers
-    by_backbone: Dict[str, List[str]] = {}
-    for name, cls in all_trainers().items():
-        by_backbone.setdefault(cls.backbone, []).append(name)
-    chosen = []
-    for backbone, names in sorted(by_backbone.items()):
-        plain = [n for n in names if "_" not in n] or names
-        chosen.append(min(plain, key=len))
-    return chosen
-
-
-def resolve_trainer(name: str):
-    """Trainer class by name: ours, our stock-budget wrapper, then nnU-Net's own lookup."""
-    from ..training.trainers import all_trainers
-    ours = all_trainers()
-    if name in ours:
-        return ours[name]
-    if name == STOCK_TRAINER:
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        return nnUNetTrainer
-    if name == STOCK_BUDGET_TRAINER:
-        from ..training.stock import nnUNetTrainerStockBudget
-        return nnUNetTrainerStockBudget
-    from ..nnunet_io import find_trainer_class
-    return find_trainer_class(name, not_found_hint=f"unknown trainer {name!r}: not an nnunet-lk trainer "
-                                                   f"(`nnunet-lk list`) and nnU-Net cannot find it")
-
-
-def load_plans(dataset: str, plans_name: str = "nnUNetPlans"):
-    """(plans, dataset_json, dataset folder name) from $nnUNet_preprocessed/DatasetXXX/."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    if not nnUNet_preprocessed:
-        raise UsageError("nnUNet_preprocessed is not set; export it to nnU-Net's preprocessed folder")
-    name = dataset_name(dataset)
-    folder = Path(nnUNet_preprocessed) / name
-    plans_file, dataset_file = folder / f"{plans_name}.json", folder / "dataset.json"
-    for f in (plans_file, dataset_file):
-        if not f.is_file():
-            raise UsageError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
-                             f"(or name existing plans with -p)")
-    return json.loads(plans_file.read_text()), json.loads(dataset_file.read_text()), name
-
-
 def precheck(trainer: str, patch_size: Sequence[int]) -> Optional[str]:
     """Why a trainer cannot build this configuration (None if it may): cheap, before any process starts."""
     from ..networks import get_backbone
@@ -92,11 +41,7 @@ def precheck(trainer: str, patch_size: Sequence[int]) -> Optional[str]:
     backbone = getattr(cls, "backbone", None)
     if backbone is None:
         return None
-    dims = get_backbone(backbone).dims
-    if len(patch_size) not in dims:
-        return (f"{backbone} is a {'/'.join(f'{d}D' for d in dims)} network and this configuration is "
-                f"{len(patch_size)}D")
-    return None
+    return get_backbone(backbone).dimension_problem(len(patch_size))
 
 
 def build_network(trainer: str, plans: dict, dataset_json: dict, configuration: str, deep_supervision: bool):

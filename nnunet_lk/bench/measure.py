@@ -210,7 +210,8 @@ def measure_network(job: dict) -> dict:
     The variant's environment must already be set (the parent sets it for the measuring process)."""
     import torch
 
-    from . import build_network, resolve_trainer
+    from ..nnunet_io import resolve_trainer
+    from . import build_network
     from ..analysis import count_macs
     from ..blocks.reparam import ReparamDepthwise
     from ..networks.unet import NetworkConfigError, count_parameters
@@ -262,7 +263,7 @@ def measure_network(job: dict) -> dict:
 
 def estimate_figures(trainer: str, pm, cm, n_in: int, n_out: int, batch: int, measured: dict, amp: bool) -> dict:
     """The shape-only estimates (``memory.estimate``) beside the measured peaks, and their relative error."""
-    from . import resolve_trainer
+    from ..nnunet_io import resolve_trainer
     from ..memory.estimate import estimate_inference, estimate_training, trainer_builder
     build = trainer_builder(resolve_trainer(trainer), pm, cm, n_in, n_out)
     patch = list(cm.patch_size)

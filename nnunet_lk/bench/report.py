@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import STOCK_TRAINER
+from ..nnunet_io import STOCK_TRAINER
 from .measure import VARIANT_LABELS
 
 # speed targets: 3D training step >= 5x faster than torch's depthwise path; 2D training-step ratio to stock at

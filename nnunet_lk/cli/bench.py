@@ -5,7 +5,8 @@ import sys
 
 
 def cmd_bench(args) -> int:
-    from ..bench import load_plans, run_bench, write_outputs
+    from ..bench import run_bench, write_outputs
+    from ..nnunet_io import load_plans
     from ..analysis import default_device
     plans, dataset_json, name = load_plans(args.dataset, args.plans)
     device = args.device or default_device()

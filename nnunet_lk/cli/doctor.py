@@ -85,5 +85,5 @@ def thread_line() -> str:
     training = settings.cpu_threads(cores)
     settings.mark_prediction_process()
     return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {training} in training (the usable "
-            f"cores; nnU-Net sets {cores}), {settings.cpu_threads(cores)} in prediction now (the idle cores: load "
-            f"{os.getloadavg()[0]:.1f} on {settings.usable_cores()}); set {settings.THREADS}=N to fix both")
+            f"cores; nnU-Net sets {cores}), {settings.cpu_threads(cores)} in prediction now (the cores idle at its "
+            f"start, of {settings.usable_cores()} usable); set {settings.THREADS}=N to fix both")

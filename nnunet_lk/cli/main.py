@@ -166,7 +166,7 @@ def _plan_for_memory(args, plans: dict, folder: str):
 
 def _trainer_for(name: str):
     """A backbone name's plain trainer, or a trainer named directly (nnUNetTrainer: stock nnU-Net)."""
-    from ..bench import default_trainers, resolve_trainer
+    from ..nnunet_io import default_trainers, resolve_trainer
     by_backbone = {resolve_trainer(t).backbone: t for t in default_trainers()}
     return resolve_trainer(by_backbone.get(name, name))
 

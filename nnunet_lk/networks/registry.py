@@ -45,6 +45,15 @@ class BackboneSpec:
     paper: str = ""
     description: str = ""
 
+    def dimension_problem(self, dim: int) -> Optional[str]:
+        """Why this backbone cannot be built for a ``dim``-D configuration (None: it can)."""
+        if dim in self.dims:
+            return None
+        return f"{self.name} is a {'/'.join(f'{d}D' for d in self.dims)} network and this configuration is {dim}D"
+
+    def dimension_fix(self) -> str:
+        return f"use a {'2d' if 2 in self.dims else '3d_fullres'} configuration"
+
     @property
     def config(self) -> Dict[str, object]:
         """Every option with its default for this name: the builder's defaults, the skeleton's, then the size's."""
@@ -108,10 +117,9 @@ def build_backbone(name: str, *, input_channels: int, num_classes: int, dim: Opt
         conv_op = conv_for_dim(dim)
     conv_op = lk_conv_op(conv_op)
     dim = conv_dim(conv_op)
-    if dim not in spec.dims:
-        raise NetworkConfigError(
-            f"{name} is a {'/'.join(f'{d}D' for d in spec.dims)} network and cannot be built for a {dim}D "
-            f"configuration; train it on a {'2d' if 2 in spec.dims else '3d_fullres'} configuration instead.")
+    problem = spec.dimension_problem(dim)
+    if problem:
+        raise NetworkConfigError(f"{problem}: {spec.dimension_fix()}.")
     check_options(name, overrides)
     config = {**spec.config, **overrides}
     skeleton = {k: config.pop(k) for k in SKELETON_OPTIONS}

@@ -29,7 +29,7 @@ from ..losses.scheduled import StrictDeepSupervisionWrapper, apply_loss_weights
 from ..losses.schedules import get_schedule, progress
 from ..networks import build_backbone, get_backbone
 from ..errors import NetworkConfigError
-from ..nnunet_io import read_checkpoint
+from ..checkpoints import RESUME_ORDER, read_checkpoint
 from .. import settings
 from ..plans import backbone_options, configuration_strides, plans_use, validate_configuration
 from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
@@ -68,13 +68,11 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
         # Fail now, before any data is loaded, if these plans cannot build this backbone.
         validate_configuration(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        dim = len(self.configuration_manager.patch_size)
-        spec = get_backbone(self.backbone)
-        if dim not in spec.dims:
-            raise NetworkConfigError(
-                f"{type(self).__name__} trains {self.backbone}, a {'/'.join(f'{d}D' for d in spec.dims)} network, "
-                f"but configuration {configuration!r} is {dim}D. Use a "
-                f"{'2d' if 2 in spec.dims else '3d_fullres'} configuration.")
+        spec, dim = get_backbone(self.backbone), len(self.configuration_manager.patch_size)
+        problem = spec.dimension_problem(dim)
+        if problem:
+            raise NetworkConfigError(f"{type(self).__name__} trains {problem} ({configuration!r}): "
+                                     f"{spec.dimension_fix()}.")
         self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
         self._recipe = paper_recipe(self.backbone, dim) if self.recipe == "paper" else None  # fails now if none
         self.apply_run_settings()
@@ -194,7 +192,7 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
     def _non_finite_loss_message(self, loss) -> str:
         """What happened, what is on disk (nothing else is claimed), and the likely causes, none asserted."""
         folder = self.output_folder
-        present = [name for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+        present = [name for name in RESUME_ORDER
                    if os.path.isfile(os.path.join(folder, name))]
         if present:
             disk = (f"Checkpoints in {folder}, written before this step and left untouched: {', '.join(present)}; "
