@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from nnunet_lk.nnunet_io import plans_context, resolve_trainer  # noqa: E402
+from nnunet_lk.nnunet_io import resolve_trainer  # noqa: E402
+from nnunet_lk.plans import plans_context  # noqa: E402
 from nnunet_lk.memory.step import make_train_step  # noqa: E402
 from nnunet_lk.plans import derive_plans  # noqa: E402
 from depthwise_ops import sgemm_peak  # noqa: E402

@@ -72,7 +72,7 @@ def gate_bias_one(net):
     """DLKUNet's gate map a = PW(...) starts at 1 + PW(...) (the pointwise conv's bias + 1), so ``x * a``
     starts near the identity: what the package's option ``gate_init="identity"`` builds
     (docs/architectures.md §1.10; it was measured here first, on the official initialisation)."""
-    from nnunet_lk.blocks.dlk import LargeKernelAttention
+    from nnunet_lk.blocks.dlkunet import LargeKernelAttention
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, LargeKernelAttention):
@@ -95,7 +95,7 @@ class Context:
     def __init__(self, folder: str, plans_name: str, configuration: str):
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.crossval_split import generate_crossval_split
-        from nnunet_lk.nnunet_io import plans_context
+        from nnunet_lk.plans import plans_context
         self.folder = Path(folder)
         self.plans = json.loads((self.folder / f"{plans_name}.json").read_text())
         self.dataset_json = json.loads((self.folder / "dataset.json").read_text())
@@ -200,8 +200,8 @@ def stage_of(name: str, n_levels: int) -> str:
 
 
 def gated_modules(net):
-    from nnunet_lk.blocks.dlk import LargeKernelAttention
-    from nnunet_lk.blocks.mslk import MultiSemanticSpatialAttention, ProgressiveChannelSelfAttention
+    from nnunet_lk.blocks.dlkunet import LargeKernelAttention
+    from nnunet_lk.blocks.mslkseg import MultiSemanticSpatialAttention, ProgressiveChannelSelfAttention
     kinds = (LargeKernelAttention, MultiSemanticSpatialAttention, ProgressiveChannelSelfAttention)
     return [(name, m) for name, m in net.named_modules() if isinstance(m, kinds)]
 

@@ -31,7 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nnunet_lk.nnunet_io import plans_context, resolve_trainer  # noqa: E402
+from nnunet_lk.nnunet_io import resolve_trainer  # noqa: E402
+from nnunet_lk.plans import plans_context  # noqa: E402
 from nnunet_lk.memory.estimate import block_profile, estimate_inference, estimate_training, trainer_builder  # noqa: E402
 from nnunet_lk.memory.step import make_train_step  # noqa: E402
 from nnunet_lk.memory import tracker  # noqa: E402

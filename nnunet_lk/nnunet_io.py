@@ -1,7 +1,7 @@
 """The nnU-Net lookups every command shares, in one place: trainers by name (ours, the stock ones, then
 nnU-Net's own lookup with its search messages kept out of our output), the default trainer of each backbone,
-dataset names, a dataset's plans, and a configuration's managers and channel counts. Checkpoints:
-``checkpoints.py``."""
+dataset names and a dataset's plans. Checkpoints: ``checkpoints.py``; a configuration's managers and
+channel counts: ``plans.plans_context``."""
 from __future__ import annotations
 
 import contextlib
@@ -17,20 +17,6 @@ from .errors import TrainerNotFoundError, UsageError
 STOCK_TRAINER = "nnUNetTrainer"
 STOCK_BUDGET_TRAINER = "nnUNetTrainerStockBudget"  # stock nnU-Net on our budget variables (training/stock.py)
 STOCK_TRAINERS = (STOCK_TRAINER, STOCK_BUDGET_TRAINER)
-
-
-def plans_context(plans: dict, dataset_json: dict, configuration: str):
-    """(plans manager, configuration manager, input channels, output channels) as nnU-Net derives them."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(plans)
-    if configuration not in plans.get("configurations", {}):
-        raise UsageError(f"configuration {configuration!r} is not in the plans; available: "
-                         f"{', '.join(plans.get('configurations', {}))}")
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return pm, cm, n_in, n_out
 
 
 def find_trainer_class(name: str, *, not_found_hint: str = ""):

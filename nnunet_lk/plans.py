@@ -16,8 +16,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .blocks.recompute import lean_on
 from .networks.registry import check_options
-from .errors import NetworkConfigError
+from .errors import NetworkConfigError, UsageError
 from .patch_sizes import check_patch
+
+
+def plans_context(plans: dict, dataset_json: dict, configuration: str):
+    """(plans manager, configuration manager, input channels, output channels) as nnU-Net derives them."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    if configuration not in plans.get("configurations", {}):
+        raise UsageError(f"configuration {configuration!r} is not in the plans; available: "
+                         f"{', '.join(plans.get('configurations', {}))}")
+    cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return pm, cm, n_in, n_out
+
 
 OPTIONS_KEY = "nnunet_lk"
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_lk import settings
 from nnunet_lk import ablate as ab
 from nnunet_lk.cli.main import main
 
@@ -198,14 +199,14 @@ def test_stock_budget_trainer_reads_the_budget_variables(nnunet_dirs, hippocampu
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_lk.training.stock import nnUNetTrainerStockBudget
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "3")
-    monkeypatch.setenv("NNUNET_LK_ITERATIONS", "7")
+    monkeypatch.setenv(settings.EPOCHS, "3")
+    monkeypatch.setenv(settings.ITERATIONS, "7")
     def plans():  # nnU-Net 2.8 pops this key, which run_training puts in
         return {**hippocampus_plans, "continue_training": False}
 
     trainer = nnUNetTrainerStockBudget(plans(), "2d", 0, hippocampus_dataset_json, device=torch.device("cpu"))
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (3, 7)
     assert nnUNetTrainerStockBudget.build_network_architecture is nnUNetTrainer.build_network_architecture
-    monkeypatch.setenv("NNUNET_LK_EPOCHS", "0")
+    monkeypatch.setenv(settings.EPOCHS, "0")
     with pytest.raises(ValueError, match="NNUNET_LK_EPOCHS"):
         nnUNetTrainerStockBudget(plans(), "2d", 0, hippocampus_dataset_json, device=torch.device("cpu"))

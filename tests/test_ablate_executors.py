@@ -23,6 +23,7 @@ import pytest
 
 from tests.helpers.realdata import BIN, prepared_subset, run
 from tests.helpers.slurm import slurm_available, start_local_slurm
+from nnunet_lk import settings
 
 STOCK, LGMS = "nnUNetTrainerStockBudget", "nnUNetTrainerLGMSNet"
 TRAINERS = [STOCK, LGMS]
@@ -58,7 +59,7 @@ def assert_trained(results: Path, trainers=TRAINERS):
 def hippocampus(tmp_path_factory):
     root = tmp_path_factory.mktemp("hippocampus_executors")
     env = prepared_subset(root, DATASET, "2d", 5, 0, ["--name", "nnUNetPlans_cpu", "--batch", "4"], seed=1)
-    return root, dict(env, nnUNet_n_proc_DA="1", NNUNET_LK_VAL_MIRRORING="0")
+    return root, {**env, "nnUNet_n_proc_DA": "1", settings.VAL_MIRRORING: "0"}
 
 
 @pytest.fixture(scope="module")

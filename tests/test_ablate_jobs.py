@@ -9,6 +9,7 @@ import pytest
 import submitit
 from submitit.helpers import Checkpointable
 
+from nnunet_lk import settings
 from nnunet_lk.ablate import executors, jobs, slurm, state
 from nnunet_lk.cli.main import build_parser
 
@@ -104,8 +105,8 @@ def test_job_list_comes_from_the_results_folders(results_tree, monkeypatch):
                                                          ("validate", 2, f"{LGMS}__2d__fold2"),
                                                          ("train", 3, f"{LGMS}__2d__fold3")]
     env = todo[0].env
-    assert env["NNUNET_LK_EPOCHS"] == "5" and env["NNUNET_LK_VAL_ITERATIONS"] == "2"
-    assert "NNUNET_LK_ITERATIONS" not in env and "UNRELATED" not in env
+    assert env[settings.EPOCHS] == "5" and env[settings.VAL_ITERATIONS] == "2"
+    assert settings.ITERATIONS not in env and "UNRELATED" not in env
     assert env["nnUNet_results"] == str(results) and env["OMP_NUM_THREADS"] == "4"
     assert env["nnUNet_n_proc_DA"] == "2"  # set by the user: kept
     assert todo[0].command()[-2:] == ["--npz", "--c"] and todo[1].command()[-1] == "--val"

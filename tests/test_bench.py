@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from nnunet_lk import settings
 from nnunet_lk import bench
 from nnunet_lk.cli.main import main
 from nnunet_lk.networks import registry
@@ -86,7 +87,7 @@ def test_bench_lists_unbuildable_backbone_as_skipped(monkeypatch, hippocampus_pl
 
 def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampus_plans, hippocampus_dataset_json):
     # torch's depthwise path, ours, ours with the whole network channels-last: same network, three rows
-    monkeypatch.setenv("NNUNET_LK_DEPTHWISE", "fast")
+    monkeypatch.setenv(settings.DEPTHWISE, "fast")
     plans = derive_plans(hippocampus_plans, "2d", "nnUNetPlans_tiny", patch_size=[16, 16], batch_size=2)
     record = bench.run_bench(plans, hippocampus_dataset_json, "2d", trainers=["nnUNetTrainerLGMSNet"],
                              warmup=0, repeats=1, isolate=False, dataset=DATASET, log=lambda m: None,
@@ -98,7 +99,7 @@ def test_variants_side_by_side_with_speedups_and_targets(monkeypatch, hippocampu
     old, fast, cl = rows
     assert old["depthwise_mode"] == "torch" and fast["depthwise_mode"] == "fast"
     assert cl["channels_last"] and not fast["channels_last"] and not old["channels_last"]
-    assert os.environ["NNUNET_LK_DEPTHWISE"] == "fast"  # the variant's setting did not leak
+    assert os.environ[settings.DEPTHWISE] == "fast"  # the variant's setting did not leak
     assert old["params"] == fast["params"] == cl["params"]
     for r in (fast, cl):
         assert r["speedup_vs_torch_path"]["train_step_ms_median"] == pytest.approx(

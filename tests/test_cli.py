@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from nnunet_lk import settings
 from nnunet_lk.cli.main import main
 
 
@@ -163,7 +164,7 @@ def test_every_backbone_has_a_paper_configuration():
 
 def test_doctor_right_after_install_warns_about_data_folders_and_passes():
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    proc = _nnunet_lk("doctor", env={**env, "NNUNET_LK_THREADS": "1"})
+    proc = _nnunet_lk("doctor", env={**env, settings.THREADS: "1"})
     assert proc.returncode == 0, proc.stdout
     assert "with -device cpu: 1 in training and prediction (NNUNET_LK_THREADS=1)" in proc.stdout
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

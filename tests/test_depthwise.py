@@ -300,7 +300,7 @@ def test_every_depthwise_conv_of_every_backbone_is_ours(name, dim):
 
 
 def test_reparam_fused_and_dynamic_conv_use_grouped_conv(monkeypatch):
-    from nnunet_lk.blocks import mslk, reparam
+    from nnunet_lk.blocks import mslkseg, reparam
     used = []
     original = dw.grouped_conv
 
@@ -309,7 +309,7 @@ def test_reparam_fused_and_dynamic_conv_use_grouped_conv(monkeypatch):
         return original(*a, **k)
 
     monkeypatch.setattr(reparam, "grouped_conv", spy)
-    monkeypatch.setattr(mslk, "grouped_conv", spy)
+    monkeypatch.setattr(mslkseg, "grouped_conv", spy)
     block = reparam.ReparamDepthwise(LKConv2d, 4, (5, 3)).eval()
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
@@ -317,7 +317,7 @@ def test_reparam_fused_and_dynamic_conv_use_grouped_conv(monkeypatch):
         with reparam.unfused(block):
             unfused = block(x)
     assert torch.allclose(fused, unfused, atol=1e-5) and used == [4]
-    mslk.DynamicConv(LKConv2d, 4, 6, num_kernels=2)(x)
+    mslkseg.DynamicConv(LKConv2d, 4, 6, num_kernels=2)(x)
     assert used == [4, 2]
 
 

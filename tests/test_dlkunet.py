@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nnunet_lk.blocks.dlk import DFBUp, EBlock
+from nnunet_lk.blocks.dlkunet import DFBUp, EBlock
 from nnunet_lk.networks import NetworkConfigError, build_backbone, count_parameters
 
 

@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from tests.helpers.realdata import prepared_subset, run
+from nnunet_lk import settings
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def small_hippocampus(tmp_path_factory):
 
 def test_ablate_run_five_folds_find_best_and_ensemble(small_hippocampus):
     root, env = small_hippocampus
-    env = dict(env, nnUNet_n_proc_DA="1", NNUNET_LK_VAL_MIRRORING="0")
+    env = {**env, "nnUNet_n_proc_DA": "1", settings.VAL_MIRRORING: "0"}
     out = root / "ablation"
     cmd = ["nnunet-lk", "ablate", "-d", "4", "-c", "2d", "-p", "nnUNetPlans_cpu", "--run", "--trainers", *TRAINERS,
            "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--latency-repeats", "1",

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nnunet_lk.blocks.lgms import (DepthwiseConvBranch, FusionConv, GMSBlock, LMSBlock, SparseAttention,
+from nnunet_lk.blocks.lgmsnet import (DepthwiseConvBranch, FusionConv, GMSBlock, LMSBlock, SparseAttention,
                                    SparseTransformer, UpConv, parity_fold, parity_patch, parity_unfold)
 from nnunet_lk.networks import NetworkConfigError, build_backbone, count_parameters, get_backbone
 from nnunet_lk.networks.lgmsnet import build_lgmsnet, native_widths

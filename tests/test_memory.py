@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from nnunet_lk.nnunet_io import plans_context, resolve_trainer
+from nnunet_lk import settings
+from nnunet_lk.nnunet_io import resolve_trainer
+from nnunet_lk.plans import plans_context
 from nnunet_lk.cli.main import main
 from nnunet_lk.memory.estimate import estimate_for_plans, estimate_training, trainer_builder
 from nnunet_lk.memory.planner import memory_warning, plan_for_memory
@@ -61,7 +63,7 @@ def test_estimate_matches_the_profiled_peak_of_a_real_step(trainer, hippocampus_
                                                            monkeypatch):
     # torch's own convolutions, contiguous: the device-independent path the estimate models (CUDA's); the
     # estimate of the shipped "auto" setting is the lean network a GPU runs
-    monkeypatch.setenv("NNUNET_LK_DEPTHWISE", "torch")
+    monkeypatch.setenv(settings.DEPTHWISE, "torch")
     batch = 8
     measured = _measured_cpu_peak(trainer, hippocampus_plans, hippocampus_dataset_json, "2d", batch)
     pm, cm, n_in, n_out = plans_context(hippocampus_plans, hippocampus_dataset_json, "2d")
@@ -84,7 +86,7 @@ def test_estimate_is_affine_in_the_batch(hippocampus_plans, hippocampus_dataset_
 
 def test_plans_written_for_a_target_measure_under_it(hippocampus_plans, hippocampus_dataset_json, monkeypatch):
     # float32 on this CPU (AMP needs CUDA): plan LM-Net 3d_fullres for 0.3 GB, then measure a real step
-    monkeypatch.setenv("NNUNET_LK_DEPTHWISE", "torch")
+    monkeypatch.setenv(settings.DEPTHWISE, "torch")
     trainer = resolve_trainer("nnUNetTrainerLMNet")
     plan = plan_for_memory(trainer, hippocampus_plans, hippocampus_dataset_json, "3d_fullres", "nnUNetPlans_lm",
                            gpu_memory_gb=0.3, amp=False)

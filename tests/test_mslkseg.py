@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunet_lk.blocks.mslk import (DynamicConv, MISBlock, MultiSemanticSpatialAttention,
+from nnunet_lk.blocks.mslkseg import (DynamicConv, MISBlock, MultiSemanticSpatialAttention,
                                    ProgressiveChannelSelfAttention, RepLKBlock)
 from nnunet_lk.blocks.reparam import ReparamDepthwise
 from nnunet_lk.networks import build_backbone, count_parameters, get_backbone, NetworkConfigError

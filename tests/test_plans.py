@@ -146,7 +146,7 @@ def test_presets_ship_and_apply(hippocampus_plans):
 
 
 def test_plans_use_names_what_a_backbone_takes_and_replaces(hippocampus_plans, hippocampus_dataset_json):
-    from nnunet_lk.nnunet_io import plans_context
+    from nnunet_lk.plans import plans_context
     from nnunet_lk.networks.registry import build_backbone
     from nnunet_lk.plans import plans_use
     config = hippocampus_plans["configurations"]["2d"]

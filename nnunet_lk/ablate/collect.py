@@ -41,7 +41,7 @@ def network_figures(trainer: str, model_dir: Path, configuration: str, latency_r
     import torch
 
     from ..analysis import count_macs
-    from ..nnunet_io import plans_context
+    from ..plans import plans_context
     from ..networks.unet import count_parameters
     plans = json.loads((model_dir / "plans.json").read_text())
     dataset_json = json.loads((model_dir / "dataset.json").read_text())

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import settings
 from ..errors import UsageError
-from ..nnunet_io import STOCK_TRAINER, default_trainers, plans_context, resolve_trainer
+from ..nnunet_io import STOCK_TRAINER, default_trainers, resolve_trainer
+from ..plans import plans_context
 from .measure import VARIANTS, measure_network
 from .report import fmt_count, markdown_table, write_outputs  # noqa: F401  (the CLI and tests use them here)
 

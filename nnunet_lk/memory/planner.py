@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 
 from ..errors import NetworkConfigError
-from ..nnunet_io import plans_context
+from ..plans import plans_context
 from ..patch_sizes import MIN_STAGES, planned_topology
 from ..plans import derive_plans, network_class, validate_configuration
 from .estimate import MemoryEstimate, estimate_for_plans

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..blocks.dlk import DEFAULT_GATE_INIT, GATE_INITS, DFBUp, EBlock
+from ..blocks.dlkunet import DEFAULT_GATE_INIT, GATE_INITS, DFBUp, EBlock
 from ..blocks.ops import as_tuple, conv_dim, max_pool_op
 from ..errors import NetworkConfigError
 from .registry import register_backbone
@@ -21,7 +21,7 @@ def build_dlkunet(conv_op, input_channels: int, num_classes: int, *, strides=Non
     """``pad_input=False`` keeps the official behaviour for sizes not divisible by the strides (floor
     pooling + the DFB's pad-to-skip); the default pads to the total stride inside ``forward`` so
     deep-supervision outputs line up with nnU-Net's targets for any patch. ``gate_init``: how the
-    large-kernel attention's gate starts (``blocks.dlk.GATE_INITS``): "identity", the default, is our departure
+    large-kernel attention's gate starts (``blocks.dlkunet.GATE_INITS``): "identity", the default, is our departure
     from the official initialisation, which "official" keeps (docs/architectures.md §1.10)."""
     if gate_init not in GATE_INITS:
         raise NetworkConfigError(f"dlkunet: gate_init={gate_init!r}; choose one of {', '.join(GATE_INITS)} "

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
-from ..blocks import lgms
+from ..blocks import lgmsnet as lgms
 from ..blocks.ops import as_tuple, conv_dim, max_pool_op
 from .registry import register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, cumulative_strides, resolve_level_strides

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..blocks.mslk import LDSkips, MISBlock, MSLKUpStage, RepLKBlock
+from ..blocks.mslkseg import LDSkips, MISBlock, MSLKUpStage, RepLKBlock
 from ..blocks.ops import NORM_KINDS, as_tuple, avg_pool_op, conv_dim, max_pool_op
 from .registry import register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, resolve_level_strides

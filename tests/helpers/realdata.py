@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nnunet_lk import settings
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("NNUNET_LK_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
@@ -109,8 +111,9 @@ def train_env(root: Path, epochs: int, iterations: int, val_iterations: int = 2,
     # nnUNet_n_proc_DA only for training: exported during planning it crashes nnU-Net's VRAM estimate.
     # The validation that ends nnUNetv2_train runs without mirroring (the tests evaluate nnUNetv2_predict's
     # output on held-back cases, not that validation): ~18 s a case in 3D here otherwise.
-    return nnunet_env(root, nnUNet_n_proc_DA=1, NNUNET_LK_EPOCHS=epochs, NNUNET_LK_ITERATIONS=iterations,
-                      NNUNET_LK_VAL_ITERATIONS=val_iterations, NNUNET_LK_VAL_MIRRORING=0, **extra)
+    return nnunet_env(root, nnUNet_n_proc_DA=1, **{settings.EPOCHS: epochs, settings.ITERATIONS: iterations,
+                                                   settings.VAL_ITERATIONS: val_iterations, settings.VAL_MIRRORING: 0},
+                      **extra)
 
 
 def foreground_dice(summary_json: Path) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from tests.helpers.realdata import foreground_dice, kill_group, prepared_subset, run, train_env
+from nnunet_lk import settings
 
 # 3D and large 2D images: no test-time mirroring and no window overlap at prediction, a 4-8x saving on this
 # CPU (the floors were calibrated this way).
@@ -125,7 +126,7 @@ def train_and_evaluate(spec: Run, root: Path, env: dict) -> TrainedFold:
 def _train_killed_then_resumed(train_cmd, root: Path, spec: Run, fold: Path) -> dict:
     """Train, SIGKILL the whole process group during epoch ``spec.kill_at``, then resume with --c without the
     budget variables (the checkpoint carries the budget). Returns what the kill left on disk."""
-    tenv = train_env(root, spec.epochs, spec.iterations, NNUNET_LK_SAVE_EVERY=1)
+    tenv = train_env(root, spec.epochs, spec.iterations, **{settings.SAVE_EVERY: 1})
     proc = subprocess.Popen([str(c) for c in train_cmd], env=tenv, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -136,7 +137,7 @@ def _train_killed_then_resumed(train_cmd, root: Path, spec: Run, fold: Path) -> 
     state = {"latest_after_kill": (fold / "checkpoint_latest.pth").is_file(),
              "final_after_kill": (fold / "checkpoint_final.pth").exists(),
              "logs_before_resume": sorted(p.name for p in fold.glob("training_log_*.txt"))}
-    resume_env = {k: v for k, v in tenv.items() if k not in ("NNUNET_LK_EPOCHS", "NNUNET_LK_ITERATIONS")}
+    resume_env = {k: v for k, v in tenv.items() if k not in (settings.EPOCHS, settings.ITERATIONS)}
     run(train_cmd + ["--c"], resume_env)
     return state
 
