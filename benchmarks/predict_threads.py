@@ -28,20 +28,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from nnunet_lk import settings  # noqa: E402
+from depthwise_ops import sgemm_peak  # noqa: E402
 
 
-def sgemm_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
-    """fp32 matrix-multiply GFLOP/s with ``threads`` torch threads (best of ``repeats``)."""
+def sgemm_peak_with(threads: int) -> float:
+    """fp32 sgemm GFLOP/s with ``threads`` torch threads."""
     import torch
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return sgemm_peak("cpu")
 
 
 def predict_once(model: Path, fold: str, cases: Path, threads, env: dict) -> float:
@@ -92,7 +88,7 @@ def main() -> int:
             spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             time.sleep(args.warm_up)
         try:
-            roof = {t: sgemm_peak(t) for t in sorted({1, cores})}
+            roof = {t: sgemm_peak_with(t) for t in sorted({1, cores})}
             seconds = {t: [] for t in settings_list}
             loads = []
             for _ in range(args.repeats):

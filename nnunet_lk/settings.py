@@ -83,6 +83,7 @@ def depthwise_mode() -> str:
 
 
 _prediction_process = False
+_idle_at_start: Optional[int] = None  # sampled once per prediction process
 
 
 def mark_prediction_process() -> None:
@@ -91,20 +92,29 @@ def mark_prediction_process() -> None:
     _prediction_process = True
 
 
-def cpu_threads(current: int) -> int:
+def _idle_at_prediction_start() -> int:
+    global _idle_at_start
+    if _idle_at_start is None:
+        _idle_at_start = idle_cores()
+    return _idle_at_start
+
+
+def cpu_threads(current: int, predicting: Optional[bool] = None) -> int:
     """Threads for a network nnU-Net is about to run on a CPU: ``NNUNET_LK_THREADS`` if set; else ``current``
     (what nnU-Net set: every core of the machine for -device cpu, 1 for CUDA prediction) capped at the cores
     this process may use, and in a prediction process at the cores idle right now. A thread on a busy core
     stalls every parallel op at its barrier: measured on 2 cores with one busy, a 2-thread LGMSNet forward took
     288 ms against 10.5 ms with one thread, and nnUNetv2_predict took 525 s against 21 s (idle: 2 threads
     9 ms, 1 thread 11 ms). Training runs for hours, so what is idle at its start says little: there, only
-    the cap at the usable cores applies."""
+    the cap at the usable cores applies. ``predicting``: None = whether this process was marked as a
+    prediction; the idle cores are sampled once per process, when first needed."""
     fixed = threads()
     if fixed is not None:
         return fixed
     if current <= 1:  # nothing to cap (CUDA prediction): no sampling
         return current
-    return min(current, idle_cores() if _prediction_process else usable_cores())
+    predicting = _prediction_process if predicting is None else predicting
+    return min(current, _idle_at_prediction_start() if predicting else usable_cores())
 
 
 def _cpu_times() -> dict:

@@ -23,6 +23,7 @@ def test_flag_value(args, flag, value):
 def fresh_start(monkeypatch):
     monkeypatch.setattr(startup, "_started", False)
     monkeypatch.setattr(settings, "_prediction_process", False)
+    monkeypatch.setattr(settings, "_idle_at_start", None)
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     previous = signal.getsignal(signal.SIGINT)
     yield

@@ -310,6 +310,7 @@ def test_stock_budget_trainer_and_ours_share_the_run_settings():
 def test_cpu_threads(monkeypatch, threads, predicting, current, usable, idle, expected):
     monkeypatch.setattr(settings, "usable_cores", lambda: usable)
     monkeypatch.setattr(settings, "idle_cores", lambda: idle)
+    monkeypatch.setattr(settings, "_idle_at_start", None)
     monkeypatch.setattr(settings, "_prediction_process", predicting)
     if threads is None:
         monkeypatch.delenv(settings.THREADS, raising=False)

@@ -82,8 +82,6 @@ def thread_line() -> str:
     if settings.threads() is not None:
         return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {settings.threads()} in training "
                 f"and prediction ({settings.THREADS}={settings.threads()})")
-    training = settings.cpu_threads(cores)
-    settings.mark_prediction_process()
-    return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {training} in training (the usable "
-            f"cores; nnU-Net sets {cores}), {settings.cpu_threads(cores)} in prediction now (the cores idle at its "
+    return (f"[info] torch threads of nnunet-lk trainers with -device cpu: {settings.cpu_threads(cores, False)} in "
+            f"training (the usable cores; nnU-Net sets {cores}), {settings.cpu_threads(cores, True)} in prediction now (the cores idle at its "
             f"start, of {settings.usable_cores()} usable); set {settings.THREADS}=N to fix both")

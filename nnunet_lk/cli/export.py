@@ -70,7 +70,7 @@ def cmd_predict_onnx(args) -> int:
                            for case, files in damaged.items())
         print(f"nnunet-lk predict-onnx: error: {len(damaged)} input case(s) in {args.input} are damaged and were "
               f"not predicted ({listed}). Replace their files (`gzip -t FILE` checks a .gz) and run again with "
-              f"--continue_prediction; the other {len(inputs) if isinstance(inputs, list) else 0} case(s) are "
+              f"--continue_prediction; the other {len(inputs)} case(s) are "
               f"in {args.output}.", file=sys.stderr)
         return 1
     return 0
