@@ -19,6 +19,7 @@ SAVE_EVERY = "NNUNET_LK_SAVE_EVERY"
 VAL_MIRRORING = "NNUNET_LK_VAL_MIRRORING"
 THREADS = "NNUNET_LK_THREADS"
 DEPTHWISE = "NNUNET_LK_DEPTHWISE"
+SEED = "NNUNET_LK_SEED"
 
 # nnUNetTrainer attribute -> the variable that overrides it (nnU-Net's own idiom is a class per budget,
 # e.g. nnUNetTrainer_5epochs; one set of variables covers every backbone and loss variant)
@@ -56,6 +57,27 @@ def budget_env(epochs=None, iterations=None, val_iterations=None) -> dict:
     """The budget variables for a job (those given)."""
     given = ((EPOCHS, epochs), (ITERATIONS, iterations), (VAL_ITERATIONS, val_iterations))
     return {name: str(value) for name, value in given if value is not None}
+
+
+def seed() -> Optional[int]:
+    """``NNUNET_LK_SEED``: the training's seed (torch, numpy, Python and the data-augmentation workers); None when
+    unset (nnU-Net's own behaviour: unseeded)."""
+    value = os.environ.get(SEED)
+    if value in (None, ""):
+        return None
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise UsageError(f"{SEED}={value!r} is not an integer; unset it or give an integer from 0 to 2**32 - 1") \
+            from None
+    if not 0 <= parsed < 2 ** 32:
+        raise UsageError(f"{SEED}={value!r} is out of range; give an integer from 0 to 2**32 - 1")
+    return parsed
+
+
+def seed_env(value: Optional[int]) -> dict:
+    """The seed variable for a job (empty when unseeded)."""
+    return {} if value is None else {SEED: str(int(value))}
 
 
 def validation_mirroring() -> bool:

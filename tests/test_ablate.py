@@ -185,8 +185,8 @@ def test_cli_ablate_and_run_planning(synthetic_results, tmp_path, capsys):
     (model / "fold_2").mkdir()
     (model / "fold_2" / "checkpoint_latest.pth").write_bytes(b"")
     (model / "fold_1" / "validation" / "summary.json").unlink()
-    todo = {(t["fold"]): t["action"] for t in ab.plan_runs(dirs["results"], DATASET, "2d", "nnUNetPlans",
-                                                           [CANDIDATE], [0, 1, 2, 3])}
+    todo = {t.fold: t.action for t in ab.plan_runs(DATASET, "2d", "nnUNetPlans", [CANDIDATE], [0, 1, 2, 3],
+                                                   device="cpu", results_root=dirs["results"])}
     assert todo == {1: "validate", 2: "resume", 3: "train"}
     cmd = ab.train_command("4", "2d", 2, CANDIDATE, "nnUNetPlans", "cpu", "resume")
     assert os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[1:] == [
@@ -210,3 +210,92 @@ def test_stock_budget_trainer_reads_the_budget_variables(nnunet_dirs, hippocampu
     monkeypatch.setenv(settings.EPOCHS, "0")
     with pytest.raises(ValueError, match="NNUNET_LK_EPOCHS"):
         nnUNetTrainerStockBudget(plans(), "2d", 0, hippocampus_dataset_json, device=torch.device("cpu"))
+
+
+def test_repeat_bootstrap_matches_scipy_with_one_repeat_and_carries_the_spread_of_repeats():
+    from scipy.stats import bootstrap
+
+    from nnunet_lk.ablate.statistics import mean_sd, repeat_bootstrap
+    rng = np.random.default_rng(1)
+    base, diff = rng.uniform(0.7, 0.9, 40), rng.normal(0.01, 0.03, 40)
+    one = repeat_bootstrap({f"c{i}": [base[i] + diff[i]] for i in range(40)}, {f"c{i}": [base[i]] for i in range(40)})
+    reference = bootstrap((diff,), np.mean, method="percentile", n_resamples=10000, random_state=0)
+    assert one["n"] == 40 and one["mean_difference"] == pytest.approx(diff.mean())
+    assert one["ci_low"] == pytest.approx(reference.confidence_interval.low, abs=1.5e-3)
+    assert one["ci_high"] == pytest.approx(reference.confidence_interval.high, abs=1.5e-3)
+
+    # three repeats whose trainings differ by a shift common to all cases: the case bootstrap of the per-case
+    # means cannot see that spread, the two-level bootstrap does
+    shifts = [-0.03, 0.0, 0.03]
+    cand = {f"c{i}": [base[i] + diff[i] + s for s in shifts] for i in range(40)}
+    stock = {f"c{i}": [base[i]] * 3 for i in range(40)}
+    three = repeat_bootstrap(cand, stock)
+    assert three["repeats"] == 3 and three["baseline_repeats"] == 3
+    assert three["mean_difference"] == pytest.approx(diff.mean())
+    assert three["ci_high"] - three["ci_low"] > 2 * (one["ci_high"] - one["ci_low"])
+    assert three["p_value"] > one["p_value"]
+    # a clear difference on every case and repeat
+    clear = repeat_bootstrap({c: [v[0] + 0.1] * 3 for c, v in stock.items()}, stock)
+    assert clear["p_value"] == 0.0 and clear["ci_low"] == pytest.approx(0.1)
+    # a case without a finite value in every repeat is left out
+    cand["c0"][1] = float("nan")
+    assert repeat_bootstrap(cand, stock)["n"] == 39
+    assert mean_sd([0.8, 0.9, float("nan")]) == (pytest.approx(0.85), pytest.approx(0.0707107, rel=1e-5))
+    assert np.isnan(mean_sd([0.8])[1])
+
+
+def test_repeats_are_read_summarised_and_tested_over_cases_and_repeats(synthetic_results, tmp_path):
+    """Repeat 1 (its own results folder, seed recorded in nnU-Net's debug.json) predicts fold 0 perfectly for the
+    candidate: each case's Wilcoxon value is its mean over the two repeats; repeat 2 has only fold 0, so it is
+    left out of the repeat statistics and named."""
+    import shutil
+    dirs = synthetic_results
+    repeat_1 = dirs["results"] / "nnunet_lk_repeats" / "repeat_1" / DATASET
+    shutil.copytree(dirs["results"] / DATASET, repeat_1)
+    for fold_dir in repeat_1.glob("*/fold_*"):
+        (fold_dir / "debug.json").write_text(json.dumps({"nnunet_lk_seed": "11"}))
+    gt_dir = dirs["preprocessed"] / DATASET / "gt_segmentations"
+    fold_0 = repeat_1 / f"{CANDIDATE}__nnUNetPlans__2d" / "fold_0"
+    cases = [f"hippocampus_{i:03d}" for i in range(3)]
+    for c in cases:
+        write_nifti(volume(3, 0), fold_0 / "validation" / f"{c}.nii.gz")
+    write_summary(fold_0, gt_dir, cases, json.loads((fold_0.parent / "plans.json").read_text()))
+    partial = dirs["results"] / "nnunet_lk_repeats" / "repeat_2" / DATASET / f"{CANDIDATE}__nnUNetPlans__2d"
+    shutil.copytree(repeat_1 / f"{CANDIDATE}__nnUNetPlans__2d", partial)
+    shutil.rmtree(partial / "fold_1")
+
+    one = ab.collect(dirs["results"], dirs["preprocessed"], DATASET, "2d", folds=[0, 1], latency_repeats=0)
+    abl = ab.collect(dirs["results"], dirs["preprocessed"], DATASET, "2d", folds=[0, 1], latency_repeats=0,
+                     repeats=3)
+    cand = abl.trainers[CANDIDATE]
+    assert cand["repeats"][0]["seed"] is None and cand["repeats"][1]["seed"] == 11
+    assert [cand["repeats"][k]["complete"] for k in (0, 1, 2)] == [True, True, False]
+    r0, r1 = cand["Dice_repeat_means"][0], cand["Dice_repeat_means"][1]
+    assert r0 == pytest.approx(one.trainers[CANDIDATE]["Dice_mean"]) and r1 > r0
+    assert cand["Dice_repeat_mean"] == pytest.approx((r0 + r1) / 2)
+    assert cand["Dice_repeat_sd"] == pytest.approx(abs(r1 - r0) / math.sqrt(2))
+    assert abl.trainers[BASELINE]["Dice_repeat_sd"] == pytest.approx(0.0)
+    # the Wilcoxon test pairs each case's mean over the repeats read (repeat 2's fold 0 included)
+    per_case = ab.case_means(abl.rows, CANDIDATE, "Dice")
+    first = [r["Dice"] for r in abl.rows if r["trainer"] == CANDIDATE and r["case"] == "hippocampus_001"]
+    assert len(first) == 2 * 3 and per_case["hippocampus_001"] == pytest.approx(np.nanmean(first))
+    (test,) = abl.repeat_stats
+    assert test["trainer"] == CANDIDATE and test["n"] == N_CASES and test["repeats"] == 2
+    assert test["ci_low"] <= test["mean_difference"] <= test["ci_high"] < 0
+    out = tmp_path / "report"
+    paths = ab.write_outputs(abl, out, plots=True)
+    report = paths["markdown"].read_text()
+    assert "## Repeats: 3 trainings per (trainer, fold)" in report and f"{CANDIDATE} repeat 2 (folds [0])" in report
+    with open(out / "ablate_repeats.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["repeat"], r["seed"], r["complete"]) for r in rows if r["trainer"] == CANDIDATE] == [
+        ("0", "", "True"), ("1", "11", "True"), ("2", "11", "False")]
+    with open(out / "ablate_cases.csv") as f:
+        assert "repeat" in next(csv.reader(f))
+    assert (out / "ablate_repeats.png").is_file()
+    assert json.loads(paths["json"].read_text())["repeat_bootstrap"][0]["n"] == N_CASES
+    # one repeat: the files are as before (no repeat column, no repeats section)
+    ab.write_outputs(one, tmp_path / "single", plots=False)
+    with open(tmp_path / "single" / "ablate_cases.csv") as f:
+        assert "repeat" not in next(csv.reader(f))
+    assert "## Repeats" not in (tmp_path / "single" / "ablate_report.md").read_text()

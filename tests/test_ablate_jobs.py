@@ -3,7 +3,9 @@ training: the --slurm-* options as submitit's parameters, flag checks, the job l
 job's SLURM state is read, the local executor's GPU/thread slots, and the requeue checkpoint."""
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 import submitit
@@ -99,7 +101,7 @@ def test_job_list_comes_from_the_results_folders(results_tree, monkeypatch):
     results, model = results_tree
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")
     monkeypatch.setenv("UNRELATED", "x")
-    todo = jobs.plan_jobs(DATASET, "2d", "nnUNetPlans", [LGMS], [0, 1, 2, 3], device="cuda", results_root=results,
+    todo = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [0, 1, 2, 3], device="cuda", results_root=results,
                           epochs=5, iterations=None, val_iterations=2, extra_env=jobs.thread_env(4))
     assert [(j.action, j.fold, j.key) for j in todo] == [("resume", 1, f"{LGMS}__2d__fold1"),
                                                          ("validate", 2, f"{LGMS}__2d__fold2"),
@@ -121,9 +123,39 @@ def test_job_list_comes_from_the_results_folders(results_tree, monkeypatch):
     assert todo[1].current_action() is None
 
 
+def test_repeats_are_planned_with_their_seeds_and_results_folders(results_tree, monkeypatch):
+    """Repeat 0 is nnU-Net's own folder; repeat k trains in a results folder of its own, with seed + k; a repeat
+    already trained and validated is not planned again."""
+    results, model = results_tree
+    monkeypatch.delenv(settings.SEED, raising=False)
+    todo = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [0, 3], device="cpu", results_root=results,
+                          repeats=3, seed=10)
+    assert [(j.repeat, j.fold, j.seed, j.action) for j in todo] == [
+        (0, 3, 10, "train"), (1, 0, 11, "train"), (1, 3, 11, "train"), (2, 0, 12, "train"), (2, 3, 12, "train")]
+    repeat_1 = results / "nnunet_lk_repeats" / "repeat_1"
+    first = todo[1]
+    assert first.env["nnUNet_results"] == str(repeat_1) and first.env[settings.SEED] == "11"
+    assert first.path == str(repeat_1 / DATASET / f"{LGMS}__nnUNetPlans__2d" / "fold_0")
+    assert first.key == f"{LGMS}__2d__fold0__repeat1" and first.label.endswith("fold 0 repeat 1")
+    assert first.log_name == f"run_{LGMS}_fold0_repeat1.log" and todo[0].log_name == f"run_{LGMS}_fold3.log"
+    assert todo[0].env.get("nnUNet_results") == os.environ.get("nnUNet_results")  # repeat 0: nnU-Net's own
+    assert f"{settings.SEED}=11" in first.shell_line()
+    # repeat 1 of fold 0 finished meanwhile: planned no more
+    done = Path(first.path)
+    (done / "validation").mkdir(parents=True)
+    (done / "validation" / "summary.json").write_text("{}")
+    (done / "checkpoint_final.pth").write_text("")
+    again = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [0, 3], device="cpu", results_root=results,
+                           repeats=3, seed=10)
+    assert [(j.repeat, j.fold) for j in again] == [(0, 3), (1, 3), (2, 0), (2, 3)]
+    # one repeat without a seed: nnU-Net's behaviour, unseeded
+    (plain,) = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [3], device="cpu", results_root=results)
+    assert plain.seed is None and settings.SEED not in plain.env
+
+
 def test_requeue_checkpoint_resumes_with_c(results_tree):
     results, model = results_tree
-    (job,) = jobs.plan_jobs(DATASET, "2d", "nnUNetPlans", [LGMS], [4], device="cpu", results_root=results)
+    (job,) = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [4], device="cpu", results_root=results)
     assert job.action == "train"
     assert not hasattr(jobs.TrainFold(job), "checkpoint")  # submitit requeues only Checkpointables at time limit
     from nnunet_lk.ablate.requeue import RequeueableTrainFold
@@ -140,11 +172,11 @@ def test_a_failing_training_raises_so_submitit_records_a_failure(results_tree, t
     """A real nnUNetv2_train that fails (unknown dataset) in a job: TrainFold raises; a job whose fold was
     finished meanwhile runs nothing."""
     results, _ = results_tree
-    (job,) = jobs.plan_jobs("Dataset999_Missing", "2d", "nnUNetPlans", [LGMS], [0], device="cpu",
+    (job,) = jobs.plan_runs("Dataset999_Missing", "2d", "nnUNetPlans", [LGMS], [0], device="cpu",
                             results_root=results)
     with pytest.raises(jobs.TrainingFailed, match=f"nnUNetv2_train exited 1: train {LGMS} 2d fold 0"):
         jobs.TrainFold(job)()
-    (done,) = jobs.plan_jobs(DATASET, "2d", "nnUNetPlans", [LGMS], [1], device="cpu", results_root=results)
+    (done,) = jobs.plan_runs(DATASET, "2d", "nnUNetPlans", [LGMS], [1], device="cpu", results_root=results)
     fold = results / DATASET / f"{LGMS}__nnUNetPlans__2d" / "fold_1"
     (fold / "checkpoint_final.pth").write_text("")
     (fold / "validation").mkdir()

@@ -554,3 +554,59 @@ def test_a_2d_only_backbone_on_3d_plans_fails_at_construction_with_one_message(h
         build_backbone("lmnet", dim=3, input_channels=1, num_classes=2)
     assert precheck("nnUNetTrainerLMNet", [40, 56, 40]) == problem
     assert precheck("nnUNetTrainerLMNet", [56, 40]) is None
+
+
+def _initial_weights(cls, plans, dataset_json, nnunet_dirs):
+    trainer = _make_trainer(cls, plans, "2d", dataset_json, nnunet_dirs)
+    trainer.initialize()
+    return trainer, {k: v.clone() for k, v in trainer.network.state_dict().items()}
+
+
+def test_seed_fixes_the_initial_weights_and_is_recorded(hippocampus_plans, hippocampus_dataset_json, nnunet_dirs,
+                                                         monkeypatch):
+    from nnunet_lk.training.stock import nnUNetTrainerStockBudget
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"lgmsnet": {}}
+    for cls in (lk_trainers.nnUNetTrainerLGMSNet, nnUNetTrainerStockBudget):
+        monkeypatch.setenv(settings.SEED, "7")
+        first, a = _initial_weights(cls, hippocampus_plans, hippocampus_dataset_json, nnunet_dirs)
+        torch.manual_seed(1234)  # what ran before must not matter
+        _, b = _initial_weights(cls, hippocampus_plans, hippocampus_dataset_json, nnunet_dirs)
+        monkeypatch.setenv(settings.SEED, "8")
+        _, c = _initial_weights(cls, hippocampus_plans, hippocampus_dataset_json, nnunet_dirs)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not all(torch.equal(a[k], c[k]) for k in a)
+        assert first.nnunet_lk_seed == 7
+        assert "NNUNET_LK_SEED=7" in open(first.log_file).read()
+        # nnU-Net's debug.json takes the trainer's plain attributes: the seed is among them
+        assert "nnunet_lk_seed" in dir(first) and not callable(first.nnunet_lk_seed)
+    monkeypatch.delenv(settings.SEED)
+    unseeded = _make_trainer(nnUNetTrainerStockBudget, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+    assert unseeded.nnunet_lk_seed is None
+
+
+@pytest.mark.parametrize("value", ["x", "-1", str(2 ** 32)])
+def test_bad_seed_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv(settings.SEED, value)
+    with pytest.raises(ValueError, match="NNUNET_LK_SEED"):
+        settings.seed()
+
+
+def test_seed_reaches_the_augmentation_workers(monkeypatch):
+    """nnU-Net builds its augmenters with seeds=None; under a seed each worker gets its own fixed seed, the
+    training and the validation loader different ones, and nnU-Net's class is restored afterwards."""
+    made = []
+
+    class Recorder:
+        def __init__(self, data_loader, transform, num_processes, num_cached=2, seeds=None, **kwargs):
+            made.append((num_processes, seeds))
+    monkeypatch.setattr(run_settings.nnunet_trainer_module, "NonDetMultiThreadedAugmenter", Recorder)
+    with run_settings._seeded_augmenters(5):
+        run_settings.nnunet_trainer_module.NonDetMultiThreadedAugmenter(data_loader=None, transform=None,
+                                                                        num_processes=3, seeds=None)
+        run_settings.nnunet_trainer_module.NonDetMultiThreadedAugmenter(data_loader=None, transform=None,
+                                                                        num_processes=1, seeds=None)
+    assert run_settings.nnunet_trainer_module.NonDetMultiThreadedAugmenter is Recorder
+    (n_train, train), (n_val, val) = made
+    assert (n_train, n_val) == (3, 1) and len(set(train)) == 3 and val[0] not in train
+    assert train == run_settings.worker_seeds(5, 0, 3) != run_settings.worker_seeds(6, 0, 3)
+    assert all(0 <= s < 2 ** 32 for s in train + val)

@@ -15,8 +15,8 @@ from ..nnunet_io import dataset_name, resolve_trainer
 from ..errors import UsageError
 from .metrics import fold_case_metrics
 from .results import (ALL_FOLDS, FoldRun, checkpoint_curves, default_baseline, discover_trainers, label_names,
-                      model_folder, parse_training_logs)
-from .statistics import _nanmean, case_means, paired_wilcoxon
+                      model_folder, parse_training_logs, recorded_seed, repeat_root)
+from .statistics import _nanmean, case_means, mean_sd, paired_wilcoxon, repeat_bootstrap
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Ablation:
     stats: List[dict] = field(default_factory=list)
     find_best: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
+    repeats: int = 1                                          # trainings per (trainer, fold) read
+    repeat_stats: List[dict] = field(default_factory=list)   # bootstrap over cases and repeats vs the baseline
 
 
 def network_figures(trainer: str, model_dir: Path, configuration: str, latency_repeats: int) -> dict:
@@ -65,7 +67,9 @@ def network_figures(trainer: str, model_dir: Path, configuration: str, latency_r
 
 def collect(results_root, preprocessed_root, dataset: str, configuration: str, plans: str = "nnUNetPlans",
             trainers: Optional[Sequence[str]] = None, folds: Sequence[int] = ALL_FOLDS, baseline: Optional[str] = None,
-            nsd_tolerance: float = 1.0, latency_repeats: int = 5, log=print) -> Ablation:
+            nsd_tolerance: float = 1.0, latency_repeats: int = 5, repeats: int = 1, log=print) -> Ablation:
+    """Every trainer's validated folds, of each of ``repeats`` trainings (repeat k > 0 under
+    ``repeat_root(results_root, k)``), read into one Ablation and summarised."""
     name = dataset_name(dataset)
     trainers = list(trainers) if trainers else discover_trainers(results_root, name, plans, configuration)
     if not trainers:
@@ -77,41 +81,59 @@ def collect(results_root, preprocessed_root, dataset: str, configuration: str, p
     gt_folder = Path(preprocessed_root) / name / "gt_segmentations"
     if not gt_folder.is_dir():
         raise UsageError(f"{gt_folder} does not exist: the ground truth comes from nnUNetv2_plan_and_preprocess")
-    abl = None
+    abl = Ablation(name, configuration, plans, baseline, {}, nsd_tolerance, repeats=repeats)
     for trainer in trainers:
-        model_dir = model_folder(results_root, name, trainer, plans, configuration)
-        info = {"folds": [], "incomplete_folds": [], "missing_folds": [], "epoch_times": [], "curves": {}}
-        if not (model_dir / "plans.json").is_file():
-            info["missing_folds"] = list(folds)
-            log(f"{trainer}: no results folder ({model_dir})")
-            if abl is None:
-                abl = Ablation(name, configuration, plans, baseline, {}, nsd_tolerance)
-            abl.trainers[trainer] = info
-            continue
-        plans_json = json.loads((model_dir / "plans.json").read_text())
-        dataset_json = json.loads((model_dir / "dataset.json").read_text())
-        if abl is None:
-            abl = Ablation(name, configuration, plans, baseline, label_names(dataset_json), nsd_tolerance)
-        abl.class_names = abl.class_names or label_names(dataset_json)
-        for f in folds:
-            run = FoldRun(trainer, f, model_dir / f"fold_{f}")
-            if not run.validated:
-                (info["incomplete_folds"] if run.path.is_dir() else info["missing_folds"]).append(f)
-                continue
-            log(f"{trainer} fold {f}: reading validation ({'final' if run.complete else 'NO checkpoint_final'})")
-            abl.rows += fold_case_metrics(run, plans_json, dataset_json, gt_folder, nsd_tolerance, log=log)
-            info["folds"].append(f)
-            curves = parse_training_logs(run.path) or checkpoint_curves(run.path)
-            info["curves"][f] = curves
-            info["epoch_times"] += [c["epoch_time"] for c in curves.values() if "epoch_time" in c]
-            info["epochs"] = max(info.get("epochs", 0), len(curves))
-        try:
-            info.update(network_figures(trainer, model_dir, configuration, latency_repeats))
-        except Exception as e:  # a trainer whose class is gone can still be reported by its metrics
-            abl.notes.append(f"{trainer}: params/MACs/latency not measured ({type(e).__name__}: {e})")
+        info = {"folds": [], "incomplete_folds": [], "missing_folds": [], "epoch_times": [], "curves": {},
+                "repeats": {}}
+        figures_from = None
+        for repeat in range(repeats):
+            model_dir = model_folder(repeat_root(results_root, repeat), name, trainer, plans, configuration)
+            done = _read_repeat(abl, info, trainer, model_dir, folds, gt_folder, repeat, log)
+            if done is not None:
+                info["repeats"][repeat] = done
+                figures_from = figures_from or model_dir
+        for key in ("incomplete_folds", "missing_folds"):
+            info[key] = sorted(set(info[key]) - set(info["folds"]))
+        if figures_from is None:
+            log(f"{trainer}: no results folder ({model_folder(results_root, name, trainer, plans, configuration)})")
+        else:
+            try:
+                info.update(network_figures(trainer, figures_from, configuration, latency_repeats))
+            except Exception as e:  # a trainer whose class is gone can still be reported by its metrics
+                abl.notes.append(f"{trainer}: params/MACs/latency not measured ({type(e).__name__}: {e})")
         abl.trainers[trainer] = info
     summarize(abl)
     return abl
+
+
+def _read_repeat(abl: Ablation, info: dict, trainer: str, model_dir: Path, folds: Sequence[int], gt_folder: Path,
+                 repeat: int, log) -> Optional[dict]:
+    """Add one repeat's validated folds to ``abl.rows`` and ``info``; its folds and seed (None: no results)."""
+    if not (model_dir / "plans.json").is_file():
+        info["missing_folds"] += list(folds)
+        return None
+    plans_json = json.loads((model_dir / "plans.json").read_text())
+    dataset_json = json.loads((model_dir / "dataset.json").read_text())
+    abl.class_names = abl.class_names or label_names(dataset_json)
+    read, seeds = [], set()
+    suffix = f" repeat {repeat}" if repeat else ""
+    for f in folds:
+        run = FoldRun(trainer, f, model_dir / f"fold_{f}")
+        if not run.validated:
+            (info["incomplete_folds"] if run.path.is_dir() else info["missing_folds"]).append(f)
+            continue
+        log(f"{trainer} fold {f}{suffix}: reading validation ({'final' if run.complete else 'NO checkpoint_final'})")
+        rows = fold_case_metrics(run, plans_json, dataset_json, gt_folder, abl.nsd_tolerance, log=log)
+        abl.rows += [{**r, "repeat": repeat} for r in rows]
+        read.append(f)
+        seeds.add(recorded_seed(run.path))
+        curves = parse_training_logs(run.path) or checkpoint_curves(run.path)
+        info["curves"][f if not repeat else f"{f}.{repeat}"] = curves
+        info["epoch_times"] += [c["epoch_time"] for c in curves.values() if "epoch_time" in c]
+        info["epochs"] = max(info.get("epochs", 0), len(curves))
+    info["folds"] = sorted(set(info["folds"]) | set(read))
+    return {"folds": read, "complete": sorted(read) == sorted(folds),
+            "seed": seeds.pop() if len(seeds) == 1 else sorted(seeds, key=str) if seeds else None}
 
 
 def summarize(abl: Ablation) -> None:
@@ -129,10 +151,21 @@ def summarize(abl: Ablation) -> None:
                               for f in ALL_FOLDS]
                 info[f"{metric}_cv_mean"] = _nanmean(fold_means)
         info["epoch_time_median_s"] = float(np.median(info["epoch_times"])) if info["epoch_times"] else math.nan
+        if abl.repeats > 1:
+            per_repeat = repeat_case_means(abl, trainer)
+            info["Dice_repeat_means"] = {k: _nanmean(v.values()) for k, v in per_repeat.items()}
+            info["Dice_repeat_mean"], info["Dice_repeat_sd"] = mean_sd(list(info["Dice_repeat_means"].values()))
     abl.stats = []
+    abl.repeat_stats = []
     if abl.baseline is None or not abl.trainers.get(abl.baseline, {}).get("folds"):
         abl.notes.append("no baseline results (stock nnUNetTrainer / nnUNetTrainerStockBudget): no Wilcoxon tests")
         return
+    if abl.repeats > 1:
+        base = _by_case(repeat_case_means(abl, abl.baseline))
+        for trainer in abl.trainers:
+            if trainer != abl.baseline and abl.trainers[trainer]["folds"]:
+                test = repeat_bootstrap(_by_case(repeat_case_means(abl, trainer)), base)
+                abl.repeat_stats.append({"trainer": trainer, "baseline": abl.baseline, "metric": "Dice", **test})
     for trainer in abl.trainers:
         if trainer == abl.baseline or not abl.trainers[trainer]["folds"]:
             continue
@@ -142,3 +175,17 @@ def summarize(abl: Ablation) -> None:
                                        case_means(abl.rows, abl.baseline, metric, cls))
                 abl.stats.append({"trainer": trainer, "baseline": abl.baseline, "metric": metric,
                                   "class": "mean" if cls is None else cls, **test})
+
+
+def repeat_case_means(abl: Ablation, trainer: str, metric: str = "Dice") -> Dict[int, Dict[str, float]]:
+    """repeat -> case -> metric (mean over classes), for the repeats with every requested fold validated."""
+    complete = [k for k, r in abl.trainers[trainer].get("repeats", {}).items() if r["complete"]]
+    return {k: case_means([r for r in abl.rows if r.get("repeat", 0) == k], trainer, metric) for k in complete}
+
+
+def _by_case(per_repeat: Dict[int, Dict[str, float]]) -> Dict[str, List[float]]:
+    """case -> one value per repeat (cases present in every repeat)."""
+    if not per_repeat:
+        return {}
+    cases = set.intersection(*(set(v) for v in per_repeat.values()))
+    return {c: [per_repeat[k][c] for k in sorted(per_repeat)] for c in cases}

@@ -1,13 +1,14 @@
-"""Where ``nnunet-lk ablate --run`` trains the missing (trainer, configuration, fold) jobs:
+"""Where ``nnunet-lk ablate --run`` trains the missing (trainer, configuration, fold, repeat) jobs:
 
-- ``sequential`` (default): one after the other in this process (:func:`runner.run_missing`).
+- ``sequential`` (default): one after the other, in this process's environment.
 - ``local``: N at once on this machine, one per GPU (``CUDA_VISIBLE_DEVICES``) or N CPU jobs with a thread
   budget each (OMP/MKL/torch threads and nnU-Net's ``nnUNet_n_proc_DA``), each in its own process group.
 - ``slurm``: one job per pair through submitit, as a job array with a concurrency limit; the submitted job ids
   are kept in the output folder (:mod:`.state`), so a later call neither submits them again nor forgets to
   report those that failed; ``--no-wait`` returns at once.
 
-Every executor runs what :func:`jobs.plan_jobs` plans (from :func:`runner.plan_runs`/:func:`runner.train_command`).
+Every executor runs the :class:`jobs.TrainJob` list :func:`jobs.plan_runs` plans, through :func:`jobs.execute`
+(sequential and local here, slurm in the job through :class:`jobs.TrainFold`), and reports one kind of record.
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..errors import UsageError
 from ..process_group import Stopped, sigterm_exits
 from . import slurm, state
-from .jobs import TrainJob, execute, plan_jobs, thread_env
+from .jobs import TrainJob, execute, fold_action, plan_runs, thread_env
 from .results import FoldRun
-from .runner import PROGRESS_LINE, check_trainers_findable, fold_action, run_missing, warn_full_schedule
+from .runner import PROGRESS_LINE, check_trainers_findable, warn_full_schedule
 
 EXECUTORS = ("sequential", "local", "slurm")
 DONE_MESSAGE = "--run: every (trainer, fold) pair is already trained and validated"
+SEQUENTIAL_SLOT: Dict[str, str] = {}   # one training at a time, in this process's environment
 
 
 @dataclass
@@ -58,33 +60,32 @@ class RunOutcome:
 
 def run_pairs(dataset: str, configuration: str, plans: str, trainers: Sequence[str], folds: Sequence[int], *,
               device: str, epochs: Optional[int], iterations: Optional[int], val_iterations: Optional[int],
-              results_root, output, options: RunOptions, log=print, out=print) -> RunOutcome:
-    """Train, resume or validate the missing pairs with ``options.executor``; progress goes to ``log``, job ids
-    and --dry-run's listing to ``out``."""
+              results_root, output, options: RunOptions, repeats: int = 1, seed: Optional[int] = None, log=print,
+              out=print) -> RunOutcome:
+    """Train, resume or validate the missing (trainer, fold, repeat) jobs with ``options.executor``; progress goes
+    to ``log``, job ids and --dry-run's listing to ``out``."""
     if options.executor not in EXECUTORS:
         raise UsageError(f"--executor {options.executor!r}: choose one of {', '.join(EXECUTORS)}")
-    if options.executor == "sequential" and not options.dry_run:
-        return RunOutcome(run_missing(dataset, configuration, plans, trainers, folds, epochs=epochs,
-                                      iterations=iterations, val_iterations=val_iterations, device=device,
-                                      results_root=results_root, log=log, log_dir=output))
     cpus = options.slurm.get("cpus_per_task") if options.executor == "slurm" else None
     extra = thread_env(int(cpus)) if cpus else {}
 
     def planner() -> List[TrainJob]:
-        return plan_jobs(dataset, configuration, plans, trainers, folds, device=device, results_root=results_root,
-                         epochs=epochs, iterations=iterations, val_iterations=val_iterations, extra_env=extra)
+        return plan_runs(dataset, configuration, plans, trainers, folds, device=device, results_root=results_root,
+                         epochs=epochs, iterations=iterations, val_iterations=val_iterations, repeats=repeats,
+                         seed=seed, extra_env=extra)
     if options.dry_run:
         print_dry_run(planner(), options, output, device, out, scope=(str(dataset), plans, configuration))
         return RunOutcome(dry_run=True)
-    if options.executor == "local":
+    if options.executor in ("sequential", "local"):
         with state.locked(output):
             jobs = planner()
             if not jobs:
                 log(DONE_MESSAGE)
                 return RunOutcome()
             _check(jobs, epochs, iterations, log)
-            return RunOutcome(run_local(jobs, local_slots(device, options.jobs, options.threads_per_job), output,
-                                        log))
+            slots = ([SEQUENTIAL_SLOT] if options.executor == "sequential"
+                     else local_slots(device, options.jobs, options.threads_per_job))
+            return RunOutcome(run_local(jobs, slots, output, log, name=options.executor))
     return run_slurm(planner, (str(dataset), plans, configuration), output, options,
                      check=lambda jobs: _check(jobs, epochs, iterations, log), log=log, out=out)
 
@@ -125,7 +126,8 @@ def local_slots(device: str, jobs: Optional[int] = None, threads_per_job: Option
     return [thread_env(threads_per_job or max(1, cores // n), environ) for _ in range(n)]
 
 
-def run_local(jobs: Sequence[TrainJob], slots: Sequence[Dict[str, str]], log_dir, log=print) -> List[dict]:
+def run_local(jobs: Sequence[TrainJob], slots: Sequence[Dict[str, str]], log_dir, log=print,
+              name: str = "local") -> List[dict]:
     """Run ``jobs`` len(slots) at a time, each with a free slot's environment; Ctrl-C or SIGTERM stops them all."""
     free: "queue.Queue[int]" = queue.Queue()
     for i in range(len(slots)):
@@ -136,10 +138,10 @@ def run_local(jobs: Sequence[TrainJob], slots: Sequence[Dict[str, str]], log_dir
     def work(job: TrainJob) -> Optional[dict]:
         slot = free.get()
         try:
-            return None if stop.is_set() else _run_in_slot(job, slot, slots[slot], Path(log_dir), stop, log)
+            return None if stop.is_set() else _run_in_slot(job, slot, slots[slot], Path(log_dir), stop, log, name)
         finally:
             free.put(slot)
-    log(f"[local] {len(jobs)} job(s), {len(slots)} at a time: "
+    log(f"[{name}] {len(jobs)} job(s), {len(slots)} at a time: "
         + "; ".join(f"slot {i}: {_describe(s)}" for i, s in enumerate(slots)))
     records = []
     with ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="nnunet-lk-job") as pool:
@@ -158,32 +160,40 @@ def run_local(jobs: Sequence[TrainJob], slots: Sequence[Dict[str, str]], log_dir
 
 
 def _describe(slot: Dict[str, str]) -> str:
+    if "OMP_NUM_THREADS" not in slot:
+        return "this environment"
     gpu = f"CUDA_VISIBLE_DEVICES={slot['CUDA_VISIBLE_DEVICES']}, " if "CUDA_VISIBLE_DEVICES" in slot else ""
     return f"{gpu}{slot['OMP_NUM_THREADS']} threads"
 
 
 def _run_in_slot(job: TrainJob, slot: int, env: Dict[str, str], log_dir: Path, stop: threading.Event,
-                 log) -> dict:
-    log_path = log_dir / f"run_{job.trainer}_fold{job.fold}.log"
-    log(f"[local] start {job.label} (slot {slot}: {_describe(env)}); log {log_path}")
+                 log, name: str = "local") -> dict:
+    log_path = log_dir / job.log_name
+    log(f"[{name}] start {job.label} (slot {slot}: {_describe(env)}); log {log_path}")
     start = time.time()
+    tag = f"{job.trainer} fold {job.fold}" + (f" repeat {job.repeat}" if job.repeat else "")
 
     def on_line(line: str) -> None:
         if PROGRESS_LINE.search(line):
-            log(f"    [{job.trainer} fold {job.fold}] {line.rstrip()}")
+            log(f"    [{tag}] {line.rstrip()}")
     try:
         with open(log_path, "a") as handle:
             returncode = execute(job, handle, env=env, on_line=on_line, stop=stop)
     except Stopped:
         raise
     except Exception as e:  # could not start it: reported like a failed training, the others go on
-        log(f"[local] {job.label} could not run: {e}")
+        log(f"[{name}] {job.label} could not run: {e}")
         returncode = 1
     seconds = round(time.time() - start, 1)
-    log(f"[local] {'done' if returncode == 0 else 'FAILED'} {job.label}: exit {returncode} after {seconds:.0f} s"
+    log(f"[{name}] {'done' if returncode == 0 else 'FAILED'} {job.label}: exit {returncode} after {seconds:.0f} s"
         + ("" if returncode == 0 else f"; log {log_path}"))
-    return {"trainer": job.trainer, "fold": job.fold, "action": job.action, "returncode": returncode,
-            "seconds": seconds, "path": job.path, "log": str(log_path)}
+    return run_record(job, returncode, log=str(log_path), seconds=seconds)
+
+
+def run_record(job, returncode: int, **extra) -> dict:
+    """What every executor reports of a finished job (``job``: a TrainJob or a slurm JobRecord)."""
+    return {"trainer": job.trainer, "fold": job.fold, "repeat": getattr(job, "repeat", 0), "action": job.action,
+            "returncode": returncode, "path": job.path, "label": job.label, **extra}
 
 
 # ---- slurm ---------------------------------------------------------------------------------------------------
@@ -230,9 +240,8 @@ def _report(records: Sequence[state.JobRecord], current: Dict[str, slurm.Status]
         detail = f" ({status.detail})" if status.detail else ""
         log(f"slurm job {r.job_id} ({r.label}) " + ("finished" if ok else f"FAILED: {status.state}{detail}; "
                                                                           f"log {r.stdout}"))
-        finished.append({"trainer": r.trainer, "fold": r.fold, "action": r.action, "returncode": 0 if ok else 1,
-                         "state": status.state, "job_id": r.job_id, "log": r.stdout, "key": r.key,
-                         "path": r.path})
+        finished.append(run_record(r, 0 if ok else 1, state=status.state, job_id=r.job_id, log=r.stdout,
+                                   key=r.key))
     return finished
 
 

@@ -1,15 +1,16 @@
-"""One (trainer, configuration, fold) training as a job any executor can run: what to run comes from
-:func:`runner.plan_runs` and :func:`runner.train_command` (the single source), the job re-checks its fold folder
-when it starts (a requeued or repeated job resumes or skips instead of starting over), and runs nnUNetv2_train
-in a process group of its own (:func:`process_group.run_streaming`).
+"""One (trainer, configuration, fold, repeat) training as a job every executor runs the same way: what each
+fold needs (:func:`plan_runs`), the nnUNetv2_train command (:func:`train_command`), the job's environment
+(budget, seed, and for a repeat its own results folder), and :func:`execute`, which re-checks the fold folder
+when the job starts (a requeued or repeated job resumes or skips instead of starting over) and runs
+nnUNetv2_train in a process group of its own (:func:`process_group.run_streaming`).
 
-:class:`TrainFold` is the callable a SLURM job (through submitit) or a local worker thread runs;
-:class:`requeue.RequeueableTrainFold` (the slurm executor's, with submitit) resumes it with ``--c`` after a
-requeue."""
+:class:`TrainFold` is the callable a SLURM job (through submitit) runs; :class:`requeue.RequeueableTrainFold`
+(the slurm executor's, with submitit) resumes it with ``--c`` after a requeue."""
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -20,15 +21,39 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 from .. import settings
 from ..errors import TrainingFailed, UsageError  # noqa: F401  (TrainingFailed: public here too)
+from ..nnunet_io import dataset_name
 from ..process_group import run_streaming
-from .results import FoldJobLabels, FoldRun
-from .runner import budget_env, fold_action, plan_runs, train_command
+from .results import FoldJobLabels, FoldRun, model_folder, repeat_root, repeat_seeds
 
 # handed to every job as they are where the job is submitted: nnU-Net's folders, nnU-Net's and our settings
 PASSED_PREFIXES = ("nnUNet_", settings.PREFIX)
 # what a job's thread budget sets (torch's intra-op pool follows OMP_NUM_THREADS)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", settings.THREADS)
+
+
+def fold_action(run: FoldRun) -> Optional[str]:
+    """None (trained and validated), ``validate``, ``resume`` (a checkpoint to continue from) or ``train``."""
+    if run.complete and run.validated:
+        return None
+    return "validate" if run.complete else "resume" if run.resumable else "train"
+
+
+def train_command(dataset: str, configuration: str, fold: int, trainer: str, plans: str, device: str,
+                  action: str) -> List[str]:
+    cmd = [cli_path("nnUNetv2_train"), str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans,
+           "-device", device, "--npz"]
+    if action == "resume":
+        cmd.append("--c")
+    elif action == "validate":
+        cmd.append("--val")
+    return cmd
+
+
+def cli_path(name: str) -> str:
+    """An nnU-Net command of this environment (beside this Python), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else (shutil.which(name) or name)
 
 
 @dataclass
@@ -43,6 +68,8 @@ class TrainJob(FoldJobLabels):
     action: str            # train | resume | validate
     path: str              # the fold folder
     env: Dict[str, str] = field(default_factory=dict)   # set on top of the environment the job runs in
+    repeat: int = 0        # 0: nnU-Net's own results folder; k > 0: repeat_root(nnUNet_results, k)
+    seed: Optional[int] = None
 
     def command(self, action: Optional[str] = None) -> List[str]:
         return train_command(self.dataset, self.configuration, self.fold, self.trainer, self.plans, self.device,
@@ -80,15 +107,29 @@ def thread_env(threads: int, environ: Optional[Dict[str, str]] = None) -> Dict[s
     return env
 
 
-def plan_jobs(dataset: str, configuration: str, plans: str, trainers: Sequence[str], folds: Sequence[int], *,
+def plan_runs(dataset: str, configuration: str, plans: str, trainers: Sequence[str], folds: Sequence[int], *,
               device: str, results_root, epochs: Optional[int] = None, iterations: Optional[int] = None,
-              val_iterations: Optional[int] = None, extra_env: Optional[Dict[str, str]] = None) -> List[TrainJob]:
-    """The missing (trainer, fold) pairs (:func:`plan_runs`) as jobs carrying their budget and environment."""
-    env = {**passed_env(), **budget_env(epochs, iterations, val_iterations), **(extra_env or {}),
-           "PYTHONUNBUFFERED": "1"}
-    return [TrainJob(dataset=str(dataset), configuration=configuration, plans=plans, trainer=t["trainer"],
-                     fold=int(t["fold"]), device=device, action=t["action"], path=str(t["path"]), env=dict(env))
-            for t in plan_runs(results_root, dataset, configuration, plans, trainers, folds)]
+              val_iterations: Optional[int] = None, repeats: int = 1, seed: Optional[int] = None,
+              extra_env: Optional[Dict[str, str]] = None) -> List[TrainJob]:
+    """A job for every (trainer, fold, repeat) that is not yet trained and validated, carrying what it needs:
+    skip nothing else, validate only, resume, or train; its budget, its seed (``repeat_seeds``) and, for a repeat,
+    its own nnU-Net results folder."""
+    name = dataset_name(dataset)
+    common = {**passed_env(), **settings.budget_env(epochs, iterations, val_iterations), **(extra_env or {}),
+              "PYTHONUNBUFFERED": "1"}
+    jobs = []
+    for repeat, repeat_seed in enumerate(repeat_seeds(repeats, seed)):
+        root = repeat_root(results_root, repeat)
+        env = {**common, **settings.seed_env(repeat_seed), **({"nnUNet_results": str(root)} if repeat else {})}
+        for t in trainers:
+            for f in folds:
+                run = FoldRun(t, f, model_folder(root, name, t, plans, configuration) / f"fold_{f}")
+                action = fold_action(run)
+                if action is not None:
+                    jobs.append(TrainJob(dataset=str(dataset), configuration=configuration, plans=plans, trainer=t,
+                                         fold=int(f), device=device, action=action, path=str(run.path),
+                                         env=dict(env), repeat=repeat, seed=repeat_seed))
+    return jobs
 
 
 def execute(job: TrainJob, out: TextIO, *, env: Optional[Dict[str, str]] = None,

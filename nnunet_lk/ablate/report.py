@@ -24,8 +24,10 @@ def _cls_name(abl: Ablation, key: str) -> str:
 
 def write_csvs(abl: Ablation, out: Path) -> Dict[str, Path]:
     paths = {"cases": out / "ablate_cases.csv", "summary": out / "ablate_summary.csv", "wilcoxon": out / "ablate_wilcoxon.csv"}
+    repeat_column = ["repeat"] if abl.repeats > 1 else []
     with open(paths["cases"], "w", newline="") as f:
-        w = csv.DictWriter(f, ["trainer", "fold", "case", "class", "class_name", "Dice", "HD95", "NSD"])
+        w = csv.DictWriter(f, ["trainer", *repeat_column, "fold", "case", "class", "class_name", "Dice", "HD95", "NSD"],
+                           extrasaction="ignore")
         w.writeheader()
         for r in abl.rows:
             w.writerow({**r, "class_name": _cls_name(abl, r["class"])})
@@ -51,7 +53,44 @@ def write_csvs(abl: Ablation, out: Path) -> Dict[str, Path]:
         w.writeheader()
         for s in abl.stats:
             w.writerow({**s, "class": _cls_name(abl, s["class"])})
+    if abl.repeats > 1:
+        paths["repeats"] = out / "ablate_repeats.csv"
+        with open(paths["repeats"], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["trainer", "repeat", "seed", "folds", "complete", "Dice_mean"])
+            for trainer, info in abl.trainers.items():
+                for k, r in sorted(info.get("repeats", {}).items()):
+                    w.writerow([trainer, k, r["seed"], " ".join(map(str, r["folds"])), r["complete"],
+                                info.get("Dice_repeat_means", {}).get(k)])
     return paths
+
+
+def repeats_section(abl: Ablation) -> list:
+    """Markdown lines: per trainer the mean Dice of each repeat, their mean ± sd, and the bootstrap over cases
+    and repeats against the baseline."""
+    tests = {s["trainer"]: s for s in abl.repeat_stats}
+    lines = ["", f"## Repeats: {abl.repeats} trainings per (trainer, fold)", "",
+             "Dice per repeat = mean over cases (per case: mean over classes) of the repeats with every fold "
+             "validated. The Wilcoxon tests above pair each case's mean over repeats. Bootstrap: difference in mean "
+             f"Dice against {abl.baseline}, cases and each side's repeats resampled (10,000 resamples), 95 % "
+             "percentile interval and two-sided p.", "",
+             "| trainer | repeats | seeds | Dice per repeat | mean ± sd | diff vs baseline [95 % CI] | p (bootstrap) |",
+             "|---|---|---|---|---|---|---|"]
+    for trainer, info in abl.trainers.items():
+        done = {k: r for k, r in info.get("repeats", {}).items() if r["complete"]}
+        means = info.get("Dice_repeat_means", {})
+        test = tests.get(trainer)
+        diff = (f"{test['mean_difference']:+.4f} [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}]"
+                if test and np.isfinite(test["mean_difference"]) else "–")
+        lines.append(f"| {trainer}{' (baseline)' if trainer == abl.baseline else ''} | {len(done)} | "
+                     f"{' '.join('–' if r['seed'] is None else str(r['seed']) for r in done.values()) or '–'} | "
+                     f"{' '.join(_fmt(means.get(k)) for k in done) or '–'} | {_fmt(info.get('Dice_repeat_mean'))} ± "
+                     f"{_fmt(info.get('Dice_repeat_sd'))} | {diff} | {_fmt(test['p_value']) if test else '–'} |")
+    partial = [f"{t} repeat {k} (folds {r['folds']})" for t, i in abl.trainers.items()
+               for k, r in i.get("repeats", {}).items() if not r["complete"]]
+    if partial:
+        lines += ["", "Left out of the repeat statistics (not every fold validated): " + "; ".join(partial) + "."]
+    return lines
 
 
 def markdown_report(abl: Ablation, plots: Dict[str, Path]) -> str:
@@ -93,6 +132,8 @@ def markdown_report(abl: Ablation, plots: Dict[str, Path]) -> str:
             lines.append(f"| {s['trainer']} | {s['metric']} | {_cls_name(abl, s['class'])} | {s['n']} | "
                          f"{_fmt(s['median_difference'])} | {_fmt(s['mean_difference'])} | {_fmt(s['statistic'], 1)} | "
                          f"{_fmt(s['p_value'])} |")
+    if abl.repeats > 1:
+        lines += repeats_section(abl)
     missing = {t: i for t, i in abl.trainers.items() if i["missing_folds"] or i["incomplete_folds"]}
     if missing:
         lines += ["", "## Missing", ""]
@@ -116,6 +157,8 @@ def write_plots(abl: Ablation, out: Path) -> Dict[str, Path]:
     plots = {f"box_{metric}": _box_plot(abl, out, trainers, short, metric) for metric in ("Dice", "HD95", "NSD")}
     plots["pareto"] = _pareto_plot(abl, out, trainers, short)
     plots["curves"] = _curves_plot(abl, out, trainers, short)
+    if abl.repeats > 1:
+        plots["repeats"] = _repeats_plot(abl, out, trainers, short)
     return plots
 
 
@@ -172,7 +215,7 @@ def _curves_plot(abl: Ablation, out: Path, trainers, short) -> Path:
     """Training loss, validation loss and nnU-Net's pseudo Dice per epoch, a line per trainer and fold."""
     fig, axes = _pyplot().subplots(1, 3, figsize=(15, 4))
     for t in trainers:
-        for f, curves in sorted(abl.trainers[t]["curves"].items()):
+        for f, curves in sorted(abl.trainers[t]["curves"].items(), key=lambda kv: str(kv[0])):
             epochs = sorted(curves)
             for ax, key in zip(axes, ("train_loss", "val_loss", "pseudo_dice")):
                 xs = [e for e in epochs if key in curves[e]]
@@ -184,6 +227,21 @@ def _curves_plot(abl: Ablation, out: Path, trainers, short) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     return _save(fig, out / "ablate_training_curves.png")
+
+
+def _repeats_plot(abl: Ablation, out: Path, trainers, short) -> Path:
+    """The spread between trainings: each repeat's mean Dice as a point, their mean as a bar, per trainer."""
+    fig, ax = _pyplot().subplots(figsize=(max(5, 1.1 * len(trainers)), 4))
+    for x, t in enumerate(trainers):
+        values = list(abl.trainers[t].get("Dice_repeat_means", {}).values())
+        if values:
+            ax.scatter([x] * len(values), values, s=30, zorder=3)
+            ax.hlines(np.mean(values), x - 0.3, x + 0.3, colors="k", lw=1.5)
+    ax.set_xticks(range(len(trainers)), [short[t] for t in trainers], rotation=45, ha="right")
+    ax.set_ylabel("mean Dice of one training")
+    ax.set_title(f"{abl.dataset} {abl.configuration}: {abl.repeats} repeats per trainer")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out / "ablate_repeats.png")
 
 
 def _pareto_front(points):
@@ -205,6 +263,8 @@ def write_outputs(abl: Ablation, out_dir, plots: bool = True) -> Dict[str, Path]
               "nsd_tolerance": abl.nsd_tolerance, "class_names": abl.class_names,
               "trainers": {t: {k: v for k, v in i.items() if k != "curves"} for t, i in abl.trainers.items()},
               "wilcoxon": abl.stats, "find_best_configuration": abl.find_best, "notes": abl.notes}
+    if abl.repeats > 1:
+        record.update(repeats=abl.repeats, repeat_bootstrap=abl.repeat_stats)
     paths["json"].write_text(json.dumps(_json_safe(record), indent=2) + "\n")
     return paths
 

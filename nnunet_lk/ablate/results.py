@@ -34,16 +34,46 @@ VAL_LOSS = re.compile(r"val_loss (-?[0-9.eE+-]+|nan)")
 PSEUDO_DICE = re.compile(r"Pseudo dice \[(.*)\]")
 
 
+# repeat k > 0 of a training lives in an nnU-Net results folder of its own under nnUNet_results (nnU-Net names a
+# training's folder by trainer, plans and configuration only); repeat 0 is nnU-Net's usual folder
+REPEATS_FOLDER = "nnunet_lk_repeats"
+
+
+def repeat_root(results_root, repeat: int) -> Path:
+    """The nnU-Net results folder (what nnUNet_results points to) of repeat ``repeat``."""
+    if repeat < 0:
+        raise ValueError(f"repeat must be >= 0, got {repeat}")
+    return Path(results_root) if repeat == 0 else Path(results_root) / REPEATS_FOLDER / f"repeat_{repeat}"
+
+
+def repeat_seeds(repeats: int, seed: Optional[int]) -> List[Optional[int]]:
+    """The seed of each repeat: ``seed + k``; with one repeat and no seed, unseeded (nnU-Net's behaviour); with
+    several and no seed, from 0."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if seed is None and repeats == 1:
+        return [None]
+    return [(seed or 0) + k for k in range(repeats)]
+
+
 class FoldJobLabels:
-    """``key`` and ``label`` of a job record naming (trainer, configuration, fold) and an action."""
+    """``key`` and ``label`` of a job record naming (trainer, configuration, fold, repeat) and an action."""
 
     @property
     def key(self) -> str:
-        return f"{self.trainer}__{self.configuration}__fold{self.fold}"
+        repeat = getattr(self, "repeat", 0)
+        return f"{self.trainer}__{self.configuration}__fold{self.fold}" + (f"__repeat{repeat}" if repeat else "")
 
     @property
     def label(self) -> str:
-        return f"{self.action} {self.trainer} {self.configuration} fold {self.fold}"
+        repeat = getattr(self, "repeat", 0)
+        return f"{self.action} {self.trainer} {self.configuration} fold {self.fold}" + (
+            f" repeat {repeat}" if repeat else "")
+
+    @property
+    def log_name(self) -> str:
+        repeat = getattr(self, "repeat", 0)
+        return f"run_{self.trainer}_fold{self.fold}" + (f"_repeat{repeat}" if repeat else "") + ".log"
 
 
 @dataclass
@@ -63,6 +93,16 @@ class FoldRun:
     @property
     def resumable(self) -> bool:
         return any((self.path / f).is_file() for f in RESUME_ORDER[1:])  # a final one means complete
+
+
+def recorded_seed(fold_path: Path) -> Optional[int]:
+    """The seed a fold trained with, from nnU-Net's debug.json (it records the trainer's attributes; our run
+    settings set ``nnunet_lk_seed``); None when unseeded or not recorded."""
+    try:
+        value = json.loads((Path(fold_path) / "debug.json").read_text()).get("nnunet_lk_seed")
+        return int(value)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def model_folder(results_root, dataset: str, trainer: str, plans: str, configuration: str) -> Path:

@@ -119,7 +119,7 @@ def submit(jobs: Sequence[TrainJob], output, params: Dict[str, object], *, reque
     return [JobRecord(executor="slurm", job_id=str(s.job_id), dataset=j.dataset, plans=j.plans,
                       configuration=j.configuration, trainer=j.trainer, fold=j.fold, action=j.action, path=j.path,
                       folder=str(job_folder(output)), stdout=str(s.paths.stdout), stderr=str(s.paths.stderr),
-                      submitted=now)
+                      submitted=now, repeat=j.repeat)
             for j, s in zip(jobs, submitted)]
 
 

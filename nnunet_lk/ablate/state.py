@@ -23,7 +23,7 @@ VERSION = 1
 
 @dataclass
 class JobRecord(FoldJobLabels):
-    """One submitted (trainer, configuration, fold) job."""
+    """One submitted (trainer, configuration, fold, repeat) job."""
     executor: str
     job_id: str
     dataset: str
@@ -37,6 +37,7 @@ class JobRecord(FoldJobLabels):
     stdout: str
     stderr: str
     submitted: float
+    repeat: int = 0
 
     def belongs_to(self, dataset: str, plans: str, configuration: str) -> bool:
         return (self.dataset, self.plans, self.configuration) == (dataset, plans, configuration)

@@ -17,6 +17,8 @@ def cmd_ablate(args) -> int:
     for var, value in (("nnUNet_results", nnUNet_results), ("nnUNet_preprocessed", nnUNet_preprocessed)):
         if not value:
             raise UsageError(f"{var} is not set; export nnU-Net's folders first")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
     options = run_options(args)
     folds = list(args.folds)
     failed = []
@@ -27,7 +29,8 @@ def cmd_ablate(args) -> int:
             _log("warning: --run without --epochs/--iterations trains nnU-Net's full budget (1000 x 250)")
         outcome = ab.run_pairs(args.dataset, args.configuration, args.plans, trainers, folds, device=_device(args),
                                epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
-                               results_root=nnUNet_results, output=args.output, options=options, log=_log, out=print)
+                               results_root=nnUNet_results, output=args.output, options=options,
+                               repeats=args.repeats, seed=_seed(args), log=_log, out=print)
         if outcome.dry_run:
             return 0
         if outcome.waiting:
@@ -37,20 +40,27 @@ def cmd_ablate(args) -> int:
         failed = outcome.failed
     abl = ab.collect(nnUNet_results, nnUNet_preprocessed, args.dataset, args.configuration, args.plans,
                      trainers=trainers, folds=folds, baseline=args.baseline, nsd_tolerance=args.nsd_tolerance,
-                     latency_repeats=args.latency_repeats, log=_log)
+                     latency_repeats=args.latency_repeats, repeats=args.repeats, log=_log)
     if not args.no_find_best and sorted(folds) == list(ab.ALL_FOLDS):
         ours = [t for t in abl.trainers if t not in ab.STOCK_TRAINERS or t == abl.baseline]
         abl.find_best = ab.find_best_configuration(args.dataset, args.configuration, args.plans, ours,
                                                    nnUNet_results, log=_log)
     for r in failed:
         how = r.get("state") or f"exit {r['returncode']}"
-        log = r.get("log") or f"{args.output}/run_{r['trainer']}_fold{r['fold']}.log"
-        abl.notes.append(f"--run: {r['action']} {r['trainer']} fold {r['fold']} failed ({how}); see {log}")
+        abl.notes.append(f"--run: {r['label']} failed ({how}); see {r.get('log')}")
     paths = ab.write_outputs(abl, args.output, plots=not args.no_plots)
     print(paths["markdown"].read_text())
     for p in paths.values():
         _log(f"wrote {p}")
     return 1 if failed or not abl.rows else 0
+
+
+def _seed(args):
+    """--seed, else NNUNET_LK_SEED; unseeded with one repeat, else from 0 (``results.repeat_seeds``)."""
+    from .. import settings
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32 - args.repeats:
+        raise UsageError(f"--seed {args.seed}: give an integer from 0 to 2**32 - 1 - --repeats")
+    return args.seed if args.seed is not None else settings.seed()
 
 
 def _device(args) -> str:
@@ -123,6 +133,13 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="--run budget: NNUNET_LK_EPOCHS")
     p.add_argument("--iterations", type=int, help="--run budget: NNUNET_LK_ITERATIONS (per epoch)")
     p.add_argument("--val-iterations", type=int, help="--run budget: NNUNET_LK_VAL_ITERATIONS")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="trainings per (trainer, fold), each with its own seed (default 1); repeat k > 0 trains in "
+                        "$nnUNet_results/nnunet_lk_repeats/repeat_k; the report adds mean ± sd over repeats and a "
+                        "bootstrap over cases and repeats")
+    p.add_argument("--seed", type=int, help="--run: repeat k trains with seed SEED + k (NNUNET_LK_SEED: torch, numpy, "
+                                            "the augmentation workers); default: NNUNET_LK_SEED, else unseeded with "
+                                            "one repeat and 0 with several")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="--run device (default: cuda if available; with --executor slurm: cuda iff "
                         "--slurm-gpus-per-node is given)")

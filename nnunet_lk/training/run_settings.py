@@ -1,12 +1,15 @@
 """What every nnunet-lk trainer (and stock nnU-Net on our budget, ``stock.py``) takes from the environment
-(``nnunet_lk.settings``): a short budget, torch's threads, and how the validation that ends ``nnUNetv2_train``
-runs. One mixin, placed before ``nnUNetTrainer`` in the bases."""
+(``nnunet_lk.settings``): a short budget, torch's threads, a seed, and how the validation that ends
+``nnUNetv2_train`` runs. One mixin, placed before ``nnUNetTrainer`` in the bases."""
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
+import random
+from typing import List, Optional
 
+import numpy as np
 import torch
 
 from .. import settings
@@ -44,14 +47,58 @@ def _nnunet_workers(count: int):
         nnunet_trainer_module.default_num_processes = previous
 
 
+def worker_seeds(seed: int, stream: int, count: int) -> List[int]:
+    """Distinct seeds for ``count`` augmentation workers of loader ``stream`` (0 training, 1 validation)."""
+    return [int(s) for s in np.random.SeedSequence([seed, stream]).generate_state(count)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _seeded_augmenters(seed: int):
+    """nnU-Net's ``get_dataloaders`` starts its multi-process augmenters with ``seeds=None`` (each worker then
+    seeds itself from the OS); for the duration, the augmenters it builds get seeds derived from ``seed``: the
+    training loader first, then the validation loader, as nnU-Net builds them."""
+    original = nnunet_trainer_module.NonDetMultiThreadedAugmenter
+    built = []
+
+    def seeded(*args, num_processes, seeds=None, **kwargs):
+        seeds = worker_seeds(seed, len(built), num_processes)
+        built.append(seeds)
+        return original(*args, num_processes=num_processes, seeds=seeds, **kwargs)
+    nnunet_trainer_module.NonDetMultiThreadedAugmenter = seeded
+    try:
+        yield built
+    finally:
+        nnunet_trainer_module.NonDetMultiThreadedAugmenter = original
+
+
 class RunSettingsMixin:
+    nnunet_lk_seed: Optional[int] = None   # nnU-Net's debug.json records it with the trainer's other attributes
+
     def apply_run_settings(self) -> None:
-        """Called at the end of ``__init__``: the budget variables that are set, then the thread budget."""
+        """Called at the end of ``__init__``: the budget variables that are set, the thread budget, the seed
+        (before ``initialize`` builds the network, so its initial weights follow it too)."""
         self._budget_from_env = set()
         for attribute, value in settings.budget().items():
             setattr(self, attribute, value)
             self._budget_from_env.add(attribute)
         apply_thread_budget()
+        self.nnunet_lk_seed = settings.seed()
+        if self.nnunet_lk_seed is not None:
+            seed_everything(self.nnunet_lk_seed)
+            self.print_to_log_file(f"{settings.SEED}={self.nnunet_lk_seed}: torch, numpy, Python and the "
+                                   f"data-augmentation workers are seeded")
+
+    def get_dataloaders(self):
+        if self.nnunet_lk_seed is None:
+            return super().get_dataloaders()
+        with _seeded_augmenters(self.nnunet_lk_seed):
+            return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         workers = validation_workers(nnunet_trainer_module.default_num_processes)
