@@ -235,9 +235,30 @@ def test_options_have_one_source_the_builders_signature():
         {"dlkunet_s": {"levels": 3}, "dlkunet_m": {"levels": 4}, "dlkunet_l": {"levels": 5}}
     builder = get_backbone("lmnet").builder
     with pytest.raises(ValueError, match=r"no option\(s\) \['depth'\]"):
-        register_backbone("lmnet_bad", builder, depth=3)
+        register_backbone("lmnet_bad", builder, trainer="LMNetBad", depth=3)
     with pytest.raises(ValueError, match=r"\['levels'\] have no default"):
-        register_backbone("dlkunet_bad", get_backbone("dlkunet_s").builder)
+        register_backbone("dlkunet_bad", get_backbone("dlkunet_s").builder, trainer="DLKUNetBad")
+    with pytest.raises(ValueError, match="trainer suffix 'LMNet' must be a Python name no other backbone uses"):
+        register_backbone("lmnet_again", builder, trainer="LMNet")
+    with pytest.raises(ValueError, match=r"paper recipes for \[3\]D, but the backbone is built for \[2\]D"):
+        register_backbone("lmnet_2d", builder, trainer="LMNet2D", dims=(2,),
+                          paper_recipes={3: get_backbone("lmnet").paper_recipes[3]})
+    assert "lmnet_bad" not in list_backbones() and "lmnet_2d" not in list_backbones()
+
+
+def test_every_backbone_has_its_trainers_from_its_registration_alone():
+    """The registry is the whole description: each backbone's plain trainer (by its spec's name) and its
+    paper-recipe variants exactly where its spec gives paper recipes."""
+    from nnunet_lk.training.trainers import all_trainers
+    trainers = all_trainers()
+    for name in list_backbones():
+        spec = get_backbone(name)
+        assert trainers[spec.trainer_name].backbone == name
+        assert (f"{spec.trainer_name}_PaperRecipe" in trainers) == bool(spec.paper_recipes)
+        assert spec.family == name.split("_")[0]
+    assert {get_backbone(n).trainer_name for n in list_backbones()} == {
+        "nnUNetTrainerDLKUNetS", "nnUNetTrainerDLKUNetM", "nnUNetTrainerDLKUNetL", "nnUNetTrainerLGMSNet",
+        "nnUNetTrainerMSLKSeg", "nnUNetTrainerLMNet"}
 
 
 def test_unknown_option_names_the_valid_ones_with_defaults_in_builds_and_plans(hippocampus_plans):

@@ -70,11 +70,35 @@ def test_ablate_run_five_folds_find_best_and_ensemble(small_hippocampus):
     assert any((results / "ensembles").iterdir())  # the 2-model ensemble was cross-validated
     assert "ablate_report.md" in {p.name for p in out.iterdir()}
 
-    # resuming: everything is trained and validated, so a second --run trains nothing
+    # a second --run trains only what is missing: with --repeats 2 on fold 0, repeat 1 of each trainer (seed 7 + 1,
+    # in its own results folder); nothing of repeat 0 is touched
     stamps = {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")}
-    second = run(cmd + ["--no-find-best"], env, timeout=1200)
-    assert "already trained and validated" in second.stderr
+    env = {**env, settings.THREADS: "1"}  # reproducible with a fixed thread count (README)
+    second = run(cmd + ["--no-find-best", "--folds", "0", "--repeats", "2", "--seed", "7"], env, timeout=1200)
     assert {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")} == stamps
+    repeat_1 = root / "results" / "nnunet_lk_repeats" / "repeat_1" / "Dataset004_Hippocampus"
+    for t in TRAINERS:
+        fold = repeat_1 / f"{t}__nnUNetPlans_cpu__2d" / "fold_0"
+        assert (fold / "validation" / "summary.json").is_file()
+        assert json.loads((fold / "debug.json").read_text())["nnunet_lk_seed"] == "8"
+        assert f"{t} 2d fold 0 repeat 1" in second.stderr
+    record = json.loads((out / "ablate_results.json").read_text())
+    assert record["repeats"] == 2 and [s["n"] for s in record["repeat_bootstrap"]] == [3]
+    assert record["trainers"][TRAINERS[1]]["repeats"]["1"]["seed"] == 8
+    assert "## Repeats: 2 trainings per (trainer, fold)" in (out / "ablate_report.md").read_text()
+    third = run(cmd + ["--no-find-best", "--folds", "0", "--repeats", "2", "--seed", "7"], env, timeout=1200)
+    assert "already trained and validated" in third.stderr
+
+    # the same seed again, by hand through the stock command: bitwise the same weights on this CPU (one thread, one
+    # augmentation worker)
+    import torch
+    again = {**env, "nnUNet_results": str(root / "again"), settings.SEED: "8", settings.EPOCHS: "1",
+             settings.ITERATIONS: "2", settings.VAL_ITERATIONS: "1"}
+    run(["nnUNetv2_train", "4", "2d", "0", "-tr", TRAINERS[1], "-p", "nnUNetPlans_cpu", "-device", "cpu"], again)
+    weights = [torch.load(r / "Dataset004_Hippocampus" / f"{TRAINERS[1]}__nnUNetPlans_cpu__2d" / "fold_0" /
+                          "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+               for r in (root / "again", repeat_1.parent)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     # ensembling at prediction time with the stock CLIs, 5 folds per trainer
     outputs = []

@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,7 +460,7 @@ def test_checkpoint_keys_are_nnunets_own_plus_ours(hippocampus_plans, hippocampu
 # ---- training recipes ----------------------------------------------------------------------------------------
 def test_recipe_variants_combine_with_every_loss_variant_and_skip_backbones_without_one():
     trainers = all_trainers()
-    for plain in lk_trainers.PLAIN_TRAINERS:
+    for plain in lk_trainers.plain_trainers().values():
         for loss in ("", "_PhaseLoss", "_ConstLoss"):
             name = f"{plain.__name__}_PaperRecipe{loss}"
             if plain.backbone == "mslkseg":  # no recipe published: none invented
@@ -610,3 +612,36 @@ def test_seed_reaches_the_augmentation_workers(monkeypatch):
     assert (n_train, n_val) == (3, 1) and len(set(train)) == 3 and val[0] not in train
     assert train == run_settings.worker_seeds(5, 0, 3) != run_settings.worker_seeds(6, 0, 3)
     assert all(0 <= s < 2 ** 32 for s in train + val)
+
+
+def test_a_backbone_registered_outside_the_package_gets_its_trainers_through_nnunets_lookup(hippocampus_plans,
+                                                                                             tmp_path):
+    """A new backbone is one module that registers itself: nnU-Net's own lookup then finds its plain trainer and
+    every variant (here registered after the trainers module was imported), they pickle, and the plain trainer
+    builds the network from the plans. No file of the package names it."""
+    (tmp_path / "plans.json").write_text(json.dumps(hippocampus_plans))
+    code = (
+        "import json, pickle, sys, torch\n"
+        "import nnunet_lk.training.trainers\n"
+        "import tests.helpers.toy_backbone\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        "from nnunetv2.utilities.plans_handling.plans_handler import PlansManager\n"
+        "for name in ('nnUNetTrainerToy', 'nnUNetTrainerToy_PaperRecipe_PhaseLoss', 'nnUNetTrainerToy_ConstLoss'):\n"
+        "    cls = find(name)\n"
+        "    assert cls.__name__ == name and cls.backbone == 'toy', cls\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls\n"
+        "assert find('nnUNetTrainerToy_PaperRecipe').recipe == 'paper'\n"
+        "pm = PlansManager(json.load(open(sys.argv[1])))\n"
+        "cm = pm.get_configuration('2d')\n"
+        "net = find('nnUNetTrainerToy').build_network_architecture(pm, cm, 1, 3, True)\n"
+        "outs = net(torch.zeros(2, 1, *cm.patch_size))\n"
+        "print('SHAPES', [list(o.shape) for o in outs])\n")
+    from nnunet_lk.env import with_trainer_folder
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, nnUNet_extTrainer=with_trainer_folder(""), PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "plans.json")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SHAPES [[2, 3, 56, 40], [2, 3, 28, 20]]" in proc.stdout  # 3 levels: two deep-supervision outputs
+    # and in this process the shipped backbones are the only ones
+    assert "toy" not in lk_trainers.list_backbones()

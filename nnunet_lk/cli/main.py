@@ -1,5 +1,5 @@
 """The ``nnunet-lk`` command: list, summary, env, doctor, plans here; bench, ablate, export and predict-onnx
-register themselves from their own modules (``_extra_commands``)."""
+register themselves from their own modules (which import their optional extras only when run)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import os
 import sys
 
 from .. import env as lk_env
+from . import ablate as ablate_cli, bench as bench_cli, export as export_cli
 from ..networks import get_backbone, list_backbones
 from ..errors import NnunetLkError, UsageError
 
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "`nnunet-lk COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in (_register_list, _register_summary, _register_env, _register_doctor, _register_plans,
-                     *_extra_commands()):
+                     ablate_cli.register, bench_cli.register, export_cli.register):
         register(sub)
     return parser
 
@@ -265,18 +266,6 @@ def _register_plans(sub) -> None:
     p.set_defaults(func=cmd_plans)
 
 
-def _extra_commands():
-    """Subcommands that live in their own modules (bench, ablate, export)."""
-    registers = []
-    for module in ("bench", "ablate", "export"):
-        try:
-            mod = __import__(f"nnunet_lk.cli.{module}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name == f"nnunet_lk.cli.{module}":
-                continue
-            raise
-        registers.append(mod.register)
-    return registers
 
 
 def main(argv=None) -> int:

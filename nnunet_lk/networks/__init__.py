@@ -1,10 +1,13 @@
-"""Backbones. Importing this package registers every backbone module listed below."""
-from .registry import BackboneSpec, build_backbone, get_backbone, list_backbones, register_backbone
-from .unet import count_parameters, LKUNet, NetworkConfigError, UNetDecoder, resolve_level_strides
-from . import dlkunet  # noqa: F401  (registers dlkunet_s/m/l)
-from . import lmnet  # noqa: F401  (registers lmnet)
-from . import lgmsnet  # noqa: F401  (registers lgmsnet, 2D and 3D)
-from . import mslkseg  # noqa: F401  (registers mslkseg)
+"""Backbones. Importing this package imports every module in it, so each backbone module registers itself
+(``register_backbone``): a new backbone is a module here (and its blocks), nothing else."""
+import importlib
+import pkgutil
 
-__all__ = ["count_parameters", "BackboneSpec", "build_backbone", "get_backbone", "list_backbones", "register_backbone", "LKUNet",
-           "NetworkConfigError", "UNetDecoder", "resolve_level_strides"]
+from .registry import BackboneSpec, Recipe, build_backbone, get_backbone, list_backbones, register_backbone
+from .unet import count_parameters, LKUNet, NetworkConfigError, UNetDecoder, resolve_level_strides
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["count_parameters", "BackboneSpec", "Recipe", "build_backbone", "get_backbone", "list_backbones",
+           "register_backbone", "LKUNet", "NetworkConfigError", "UNetDecoder", "resolve_level_strides"]

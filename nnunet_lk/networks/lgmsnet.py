@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..blocks import lgmsnet as lgms
 from ..blocks.ops import as_tuple, conv_dim, max_pool_op
-from .registry import register_backbone
+from .registry import Recipe, register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, cumulative_strides, resolve_level_strides
 
 PAPER_LEVELS = 5
@@ -176,7 +176,16 @@ def build_lgmsnet(conv_op, input_channels: int, num_classes: int, *, strides=Non
 
 
 _PAPER = "LGMSNet, Dong et al., ECAI 2025 (arXiv 2508.15476); official code cq-dong/LGMSNet"
+# docs/architectures.md §6.2-6.3
+PAPER_RECIPES = {
+    # SGD momentum 0.9, wd 1e-4, lr 0.02, poly 0.9 (official 2D code, paper lr 0.02)
+    2: Recipe("sgd", 0.02, 1e-4, "poly", momentum=0.9,
+              source="LGMSNet official 2D code: SGD momentum 0.9, wd 1e-4, lr 0.02, poly 0.9"),
+    # AdamW lr 1e-3, wd 1e-5, linear warm-up 50 of 5000 epochs, then cosine (official 3D script)
+    3: Recipe("adamw", 1e-3, 1e-5, "cosine", warmup=50 / 5000,
+              source="LGMSNet official 3D script: AdamW lr 1e-3, wd 1e-5, warm-up 50 of 5000 epochs + cosine"),
+}
 register_backbone(
-    "lgmsnet", build_lgmsnet, dims=(2, 3), paper=_PAPER,
+    "lgmsnet", build_lgmsnet, trainer="LGMSNet", dims=(2, 3), paper=_PAPER, paper_recipes=PAPER_RECIPES,
     description="LGMSNet: LMS blocks at high resolution, sparse-transformer GMS blocks at the two lowest "
                 "levels; widths 16-32-64-128-128 (2,321,393 params at 2D 3->1; LGMSNet-3D 6,193,742 at 1->14)")

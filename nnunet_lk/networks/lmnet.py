@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..blocks.lmnet import (AdditiveUpStage, GlobalFeatureTransformer, LMNetSkipPathway, LocalFeatureTransformer,
                             MultiLevelSkipFusion, PyramidPoolBottleneck, reparam_conv_pair, strided_conv)
 from ..blocks.ops import as_tuple, conv_dim
-from .registry import register_backbone
+from .registry import Recipe, register_backbone
 from .unet import LKUNet, NetworkConfigError, UNetDecoder, resolve_level_strides
 
 
@@ -86,8 +86,13 @@ def build_lmnet(conv_op, input_channels: int, num_classes: int, *, strides=None,
                   cpu_channels_last=True)  # bench --variants: train step 2D 1.2x, 3D 1.6x faster (README)
 
 
+# AdamW lr 1e-3, wd 1e-4, cosine annealing to 1e-6 over the run (official code, 2D; the same in 3D;
+# docs/architectures.md §6.4)
+PAPER_RECIPE = Recipe("adamw", 1e-3, 1e-4, "cosine", min_lr=1e-6,
+                      source="LM-Net official code: AdamW lr 1e-3, wd 1e-4, CosineAnnealing(T_max = all epochs, "
+                             "eta_min 1e-6)")
 register_backbone(
-    "lmnet", build_lmnet, dims=(2, 3),
+    "lmnet", build_lmnet, trainer="LMNet", dims=(2, 3), paper_recipes={2: PAPER_RECIPE, 3: PAPER_RECIPE},
     paper="LM-Net, Lu, She, Wang, Huang, arXiv 2501.03838, 2025 (code: Asunatan/LM-Net)",
     description="LM-Net: ReparamConv encoder/decoder, pyramid-pooled global transformer bottleneck, fused "
                 "multi-level skips with neighbourhood-attention transformers (3,966,566 params at 2D 3->2)")

@@ -99,7 +99,8 @@ def build_mslkseg(conv_op, input_channels: int, num_classes: int, *, strides=Non
 
 
 _PAPER = "MS-LKSeg, Li et al., Biomed. Signal Process. Control 2025, doi 10.1016/j.bspc.2025.108635"
+# the paper gives no optimiser or schedule and there is no code: no paper recipe, none invented
 register_backbone(
-    "mslkseg", build_mslkseg, dims=(2, 3), paper=_PAPER,
+    "mslkseg", build_mslkseg, trainer="MSLKSeg", dims=(2, 3), paper=_PAPER,
     description="MS-LKSeg: MIS (DyConv-MIE-MIDM) x2 encoder, re-parameterised RepLK (LD) skips, conv x2 "
                 "decoder; no official code, open choices are config keys ([ASSUMED] defaults)")

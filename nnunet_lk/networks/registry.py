@@ -1,4 +1,7 @@
-"""Named backbone configurations (timm-style): one builder per backbone file, sizes as configs.
+"""Named backbone configurations (timm-style): one builder per backbone file, sizes as configs. A registered
+name is the whole description of a backbone: builder and size, dimensions, the trainer name nnU-Net finds it by
+(every trainer is generated from the registry, ``training/trainers.py``), its family, and the training recipe of
+its paper or official code where one is published (``Recipe``; ``training/recipes.py`` runs it).
 
 A builder has the signature
     builder(conv_op, input_channels, num_classes, *, strides, kernel_sizes, patch_size,
@@ -37,6 +40,26 @@ def builder_options(builder: Callable[..., nn.Module]) -> Dict[str, object]:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """An optimiser and a learning-rate schedule over progress (data; ``training/recipes.py`` applies it).
+
+    ``schedule``: ``poly`` lr (1 - t)^0.9; ``step`` lr gamma^floor(t / step_every); ``cosine`` from lr to
+    ``min_lr`` over the run. ``warmup``: the first fraction of training ramps linearly up to lr (the
+    schedule then runs over the rest)."""
+    optimizer: str  # sgd | adam | adamw
+    lr: float
+    weight_decay: float
+    schedule: str
+    momentum: float = 0.0
+    nesterov: bool = False
+    step_every: float = 0.0
+    gamma: float = 1.0
+    min_lr: float = 0.0
+    warmup: float = 0.0
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     name: str
     builder: Callable[..., nn.Module]
@@ -44,6 +67,13 @@ class BackboneSpec:
     dims: Tuple[int, ...] = (2, 3)
     paper: str = ""
     description: str = ""
+    trainer: str = ""     # nnUNetTrainer<trainer> is the plain trainer nnU-Net finds it by
+    family: str = ""      # sizes of one network share a family (dlkunet_s/m/l: dlkunet)
+    paper_recipes: Dict[int, Recipe] = field(default_factory=dict)   # dim -> the paper's recipe
+
+    @property
+    def trainer_name(self) -> str:
+        return f"nnUNetTrainer{self.trainer}"
 
     def dimension_problem(self, dim: int) -> Optional[str]:
         """Why this backbone cannot be built for a ``dim``-D configuration (None: it can)."""
@@ -64,10 +94,18 @@ class BackboneSpec:
 _REGISTRY: Dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, builder: Callable[..., nn.Module], *, dims=(2, 3), paper: str = "",
-                      description: str = "", **size) -> BackboneSpec:
+def register_backbone(name: str, builder: Callable[..., nn.Module], *, trainer: str, dims=(2, 3), paper: str = "",
+                      description: str = "", family: str = "", paper_recipes: Optional[Dict[int, Recipe]] = None,
+                      **size) -> BackboneSpec:
+    """Register ``name``; ``trainer``: the trainer name's suffix (``DLKUNetS`` -> nnUNetTrainerDLKUNetS);
+    ``family``: default the name up to its first underscore; ``paper_recipes``: dim -> Recipe."""
     if name in _REGISTRY:
         raise ValueError(f"backbone {name!r} is already registered")
+    if not trainer.isidentifier() or any(s.trainer == trainer for s in _REGISTRY.values()):
+        raise ValueError(f"{name}: trainer suffix {trainer!r} must be a Python name no other backbone uses")
+    unknown_dims = sorted(set(paper_recipes or {}) - set(dims))
+    if unknown_dims:
+        raise ValueError(f"{name}: paper recipes for {unknown_dims}D, but the backbone is built for {list(dims)}D")
     options = {**builder_options(builder), **SKELETON_OPTIONS}
     unknown = sorted(set(size) - set(options))
     if unknown:
@@ -76,7 +114,8 @@ def register_backbone(name: str, builder: Callable[..., nn.Module], *, dims=(2, 
     if undefined:
         raise ValueError(f"{name}: option(s) {undefined} have no default in {builder.__name__}; give them as the size")
     spec = BackboneSpec(name=name, builder=builder, size=dict(size), dims=tuple(dims), paper=paper,
-                        description=description)
+                        description=description, trainer=trainer, family=family or name.split("_")[0],
+                        paper_recipes=dict(paper_recipes or {}))
     _REGISTRY[name] = spec
     return spec
 

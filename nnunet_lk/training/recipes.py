@@ -4,83 +4,37 @@ use), so a 1000-epoch nnU-Net run and a 5-epoch test follow the same curve.
 
 ``nnunet`` is nnU-Net's own recipe (SGD, lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5, poly decay):
 our plain trainers keep it. ``paper`` recipes are what each backbone's sources train with, as far as
-nnU-Net allows: nnU-Net's augmentation, patch, batch, epochs and its gradient clipping at 12 stay.
-Facts and their sources: docs/architectures.md §6.1-6.5 (DLKUNet §6.1, LGMSNet §6.2, LGMSNet-3D §6.3,
-LM-Net §6.4). MS-LKSeg publishes no code and its paper gives no optimiser or schedule: it has no paper
-recipe, and none is invented.
+nnU-Net allows: nnU-Net's augmentation, patch, batch, epochs and its gradient clipping at 12 stay. Each
+backbone's registration gives its paper recipes (``networks/<backbone>.py``; facts and sources in
+docs/architectures.md §6.1-6.5). MS-LKSeg publishes no code and its paper gives no optimiser or schedule: it has
+no paper recipe, and none is invented.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
 from ..errors import NetworkConfigError
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """An optimiser and a learning-rate schedule over progress.
-
-    ``schedule``: ``poly`` lr (1 - t)^0.9; ``step`` lr gamma^floor(t / step_every); ``cosine`` from lr to
-    ``min_lr`` over the run. ``warmup``: the first fraction of training ramps linearly up to lr (the
-    schedule then runs over the rest)."""
-    optimizer: str  # sgd | adam | adamw
-    lr: float
-    weight_decay: float
-    schedule: str
-    momentum: float = 0.0
-    nesterov: bool = False
-    step_every: float = 0.0
-    gamma: float = 1.0
-    min_lr: float = 0.0
-    warmup: float = 0.0
-    source: str = ""
+from ..networks import Recipe, get_backbone
 
 
 NNUNET = Recipe("sgd", 1e-2, 3e-5, "poly", momentum=0.99, nesterov=True,
                 source="nnU-Net's nnUNetTrainer.configure_optimizers")
 
-# (backbone family, dim) -> the paper/official-code recipe
-PAPER_RECIPES = {
-    # Adam, wd 1e-5, lr 1e-3 (paper §4.3); StepLR(20 epochs, 0.9) over 400 epochs in the official code
-    # (the paper's "reduce by 90% every 20 epochs" is the code's x0.9): a step every 20/400 of training.
-    ("dlkunet", 2): Recipe("adam", 1e-3, 1e-5, "step", step_every=20 / 400, gamma=0.9,
-                           source="DLKUNet paper §4.3 (Adam, wd 1e-5, lr 1e-3); official code StepLR(20, 0.9), "
-                                  "400 epochs"),
-    # SGD momentum 0.9, wd 1e-4, lr 0.02, poly 0.9 (official 2D code, paper lr 0.02)
-    ("lgmsnet", 2): Recipe("sgd", 0.02, 1e-4, "poly", momentum=0.9,
-                           source="LGMSNet official 2D code: SGD momentum 0.9, wd 1e-4, lr 0.02, poly 0.9"),
-    # AdamW lr 1e-3, wd 1e-5, linear warm-up 50 of 5000 epochs, then cosine (official 3D script)
-    ("lgmsnet", 3): Recipe("adamw", 1e-3, 1e-5, "cosine", warmup=50 / 5000,
-                           source="LGMSNet official 3D script: AdamW lr 1e-3, wd 1e-5, warm-up 50 of 5000 "
-                                  "epochs + cosine"),
-    # AdamW lr 1e-3, wd 1e-4, cosine annealing to 1e-6 over the run (official code)
-    ("lmnet", 2): Recipe("adamw", 1e-3, 1e-4, "cosine", min_lr=1e-6,
-                         source="LM-Net official code: AdamW lr 1e-3, wd 1e-4, CosineAnnealing(T_max = all "
-                                "epochs, eta_min 1e-6)"),
-}
-PAPER_RECIPES[("dlkunet", 3)] = PAPER_RECIPES[("dlkunet", 2)]  # the paper trains 2D only; the same recipe
-PAPER_RECIPES[("lmnet", 3)] = PAPER_RECIPES[("lmnet", 2)]
-
-
-def family(backbone: str) -> str:
-    """dlkunet_s/m/l share one recipe."""
-    return backbone.split("_")[0]
-
 
 def has_paper_recipe(backbone: str) -> bool:
-    return any(f == family(backbone) for f, _ in PAPER_RECIPES)
+    return bool(get_backbone(backbone).paper_recipes)
 
 
 def paper_recipe(backbone: str, dim: int) -> Recipe:
-    key = (family(backbone), dim)
-    if key not in PAPER_RECIPES:
+    """The recipe the backbone's paper or official code trains with in ``dim``-D (its registration gives it)."""
+    recipes = get_backbone(backbone).paper_recipes
+    if dim not in recipes:
         raise NetworkConfigError(f"{backbone} has no paper recipe for {dim}D (its sources give no optimiser or "
                                  f"schedule); train it with the plain trainer, which uses nnU-Net's recipe")
-    return PAPER_RECIPES[key]
+    return recipes[dim]
 
 
 def learning_rate(recipe: Recipe, epoch: int, num_epochs: int) -> float:
