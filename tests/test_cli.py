@@ -259,3 +259,16 @@ def test_every_command_help_works_without_the_optional_extras(tmp_path):
         proc = _nnunet_lk(*([command] if command else []), "--help", env=env)
         assert proc.returncode == 0 and "usage: nnunet-lk" in proc.stdout, (command, proc.stderr[-2000:])
         assert "ModuleNotFoundError" not in proc.stderr
+    # the one command with --dry-run: the job list without any extra; slurm's names the extra it needs
+    for name in ("raw", "preprocessed", "results"):
+        (tmp_path / name / "Dataset004_Hippocampus").mkdir(parents=True)
+        env[f"nnUNet_{name}"] = str(tmp_path / name)
+    dry = ["ablate", "-d", "4", "-c", "2d", "--run", "--folds", "0", "--trainers", "nnUNetTrainerLGMSNet",
+           "--device", "cpu", "--dry-run", "-o", str(tmp_path / "ablation")]
+    for executor in ("sequential", "local"):
+        proc = _nnunet_lk(*dry, "--executor", executor, "--repeats", "2", env=env)
+        assert proc.returncode == 0 and "2 (trainer, configuration, fold, repeat) job(s)" in proc.stdout, \
+            proc.stderr[-2000:]
+    proc = _nnunet_lk(*dry, "--executor", "slurm", env=env)
+    assert proc.returncode != 0 and "pip install 'nnunet-lk[slurm]'" in proc.stderr
+    assert "Traceback" not in proc.stderr

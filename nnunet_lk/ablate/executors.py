@@ -29,7 +29,7 @@ from .results import FoldRun
 from .runner import PROGRESS_LINE, check_trainers_findable, warn_full_schedule
 
 EXECUTORS = ("sequential", "local", "slurm")
-DONE_MESSAGE = "--run: every (trainer, fold) pair is already trained and validated"
+DONE_MESSAGE = "--run: every (trainer, fold, repeat) is already trained and validated"
 SEQUENTIAL_SLOT: Dict[str, str] = {}   # one training at a time, in this process's environment
 
 
@@ -294,7 +294,7 @@ def print_dry_run(jobs: List[TrainJob], options: RunOptions, output, device: str
         for key, r in busy.items():
             out(f"slurm job {r.job_id} ({r.label}) is still {current[r.job_id].state}: it would not be submitted")
         jobs = [j for j in jobs if j.key not in busy]
-    out(f"--dry-run: {len(jobs)} (trainer, configuration, fold) job(s) for --executor {options.executor}; "
+    out(f"--dry-run: {len(jobs)} (trainer, configuration, fold, repeat) job(s) for --executor {options.executor}; "
         f"nothing is run or submitted")
     for j in jobs:
         out(f"  {j.label}  ->  {j.path}")
