@@ -75,6 +75,11 @@ def test_every_backbone_exports_with_dynamic_axes(name, dim, tmp_path):
     assert dynamic_batch == (name not in STATIC_BATCH)
     assert sorted(os.listdir(tmp_path)) == [f"{name}.onnx"]  # no temporary files left
     _check_exported(net, path, 2, dim, dynamic_batch, LOOSE.get((name, dim), TOLERANCE))
+    attention = [m for m in net.modules() if type(m).__name__ == "NeighborhoodAttention"]
+    if attention and dim == 2:  # the gathered form: at most 3 gathers per attention (keys, values, bias)
+        import onnx
+        gathers = sum(n.op_type == "Gather" for n in onnx.load(path).graph.node)
+        assert gathers <= 3 * len(attention), gathers
     reparam = [m for m in net.modules() if isinstance(m, ReparamDepthwise)]
     if reparam:  # inference form: one fused conv per ReparamDepthwise, the training branches are gone
         import onnx

@@ -1,8 +1,10 @@
-"""blocks.neighborhood: the streaming (memory-lean) neighbourhood attention against the reference form."""
+"""blocks.neighborhood: the streaming (memory-lean) and gathered (export) neighbourhood attention against the
+reference form."""
 import pytest
 import torch
 
-from nnunet_lk.blocks.neighborhood import neighborhood_attention, streaming_neighborhood_attention
+from nnunet_lk.blocks.neighborhood import (gathered_neighborhood_attention, neighborhood_attention,
+                                           streaming_neighborhood_attention)
 from nnunet_lk.memory.tracker import LiveStorageTracker
 
 CASES = [((2, 3, 2, 7, 9), (3, 3)),        # 2D, several heads and head dims
@@ -25,6 +27,21 @@ def test_streaming_form_computes_the_reference_outputs_and_gradients(shape, kern
     inputs = (q, k, v, rpb) if bias else (q, k, v)
     ref = neighborhood_attention(q, k, v, kernel, rpb)
     out = streaming_neighborhood_attention(q, k, v, kernel, rpb)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,kernel", CASES + [((1, 1, 3, 4, 5, 7), (3, 5, 5))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gathered_form_computes_the_reference_outputs_and_gradients(shape, kernel, bias):
+    q, k, v, rpb = _inputs(shape, kernel)
+    rpb = rpb if bias else None
+    inputs = (q, k, v, rpb) if bias else (q, k, v)
+    ref = neighborhood_attention(q, k, v, kernel, rpb)
+    out = gathered_neighborhood_attention(q, k, v, kernel, rpb)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(ref)

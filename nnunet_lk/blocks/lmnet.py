@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..errors import NetworkConfigError
 from .ops import (adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, linear_interpolation_mode,
                   pointwise_conv, same_padding)
-from .neighborhood import neighborhood_attention, streaming_neighborhood_attention
+from .neighborhood import (gathered_neighborhood_attention_tokens, neighborhood_attention,
+                           streaming_neighborhood_attention)
 from .recompute import LeanForm, LeanRegion, keep_marked_outputs, kept, lean_applies, recompute_all, recompute_cheap
 from .reparam import ReparamDepthwise
 
@@ -161,7 +162,10 @@ class NeighborhoodAttention(LeanForm, nn.Module):
 
     ``checkpoint``: in training, recompute the attention core in backward instead of storing its
     k^d gathered keys and values and k^d logits and weights per head (only q, k, v are kept).
-    Lean form: the streaming core (``blocks.neighborhood``), whose memory does not grow with the window."""
+    Lean form: the streaming core (``blocks.neighborhood``), whose memory does not grow with the window. Exported
+    (ONNX) in 2D: the gathered form, one gather of all windows."""
+
+    export_gathered = True  # False: export the reference form (benchmarks compare the two)
 
     def __init__(self, dim: int, channels: int, heads: int, kernel=3, rel_pos_bias: bool = True,
                  checkpoint: bool = True):
@@ -191,6 +195,13 @@ class NeighborhoodAttention(LeanForm, nn.Module):
         if len(spatial) != self.dim:
             raise ValueError(f"expected a channels-last {self.dim}D map, got shape {tuple(x.shape)}")
         b = x.shape[0]
+        if self.export_gathered and self.dim == 2 and torch.onnx.is_in_onnx_export():
+            # exported: one gather of all windows, on the projection's own channels-last layout (a few graph
+            # nodes instead of one gather per window offset and axis); not in 3D, where its k^3 copies of keys
+            # and values would outgrow the reference form's k^3 logits per head
+            q, k, v = self.qkv(x).reshape(b, -1, 3, self.heads, self.head_dim).unbind(2)
+            out = gathered_neighborhood_attention_tokens(q * self.scale, k, v, spatial, self.kernel, self.rpb)
+            return self.proj(out.reshape(b, *spatial, self.heads * self.head_dim))
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.heads, self.head_dim)
         qkv = qkv.permute(self.dim + 1, 0, self.dim + 2, self.dim + 3, *range(1, self.dim + 1))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, heads, d, *S)

@@ -6,6 +6,9 @@ axis as window (natten refuses it). q (already scaled), k, v: (B, heads, head_di
 
 - ``neighborhood_attention``: softmax over the stacked k^d logits; memory O(k^d · heads · voxels) for the logits and
   weights (autograd keeps them all).
+- ``gathered_neighborhood_attention``: the export form. Every window of every query in one gather of the keys and
+  one of the values, indices built with a few broadcast operations whatever the window: an exported graph holds
+  a handful of nodes instead of one gather per window offset and axis. Memory O(k^d · heads · head_dim · voxels).
 - ``streaming_neighborhood_attention``: the memory-lean form. One pass over the window offsets with a running
   maximum and sum (the online softmax); backward recomputes each offset's weight from the log-sum-exp and scatters
   its gradient back. Memory O(heads · head_dim · voxels): the size of q, k and v, whatever the window.
@@ -58,6 +61,57 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     for weight, vj in zip(weights, _iter_windows(v, key_index, 3)):
         out = out + weight.unsqueeze(2) * vj
     return out
+
+
+def _window_indices(spatial: Sequence[int], kernel: Sequence[int], bias_shape: Sequence[int],
+                    device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(key, rel), each (k^d, N): the flat key index and the flat relative-bias index of every window offset (last
+    axis fastest) of every flat query position, built with broadcasts (a fixed number of operations)."""
+    key = rel = None
+    for length, kk, bias_len in zip(spatial, kernel, bias_shape):
+        window = min(kk, length)
+        pos = torch.arange(length, device=device)
+        start = (pos - kk // 2).clamp(0, length - window)
+        offset = torch.arange(window, device=device).unsqueeze(1)
+        key_a, rel_a = start + offset, start + offset - pos + kk - 1   # (window, length)
+        if key is None:
+            key, rel = key_a, rel_a
+        else:  # (K, M) x (w, L) -> (K, w, M, L)
+            key = (key[:, None, :, None] * length + key_a[None, :, None, :]).flatten(2).flatten(0, 1)
+            rel = (rel[:, None, :, None] * bias_len + rel_a[None, :, None, :]).flatten(2).flatten(0, 1)
+    return key, rel
+
+
+def gathered_neighborhood_attention_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                           spatial: Sequence[int], kernel: Sequence[int],
+                                           rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gathered form on tokens: q (already scaled), k, v (B, N, heads, head_dim) with N = prod(spatial) in
+    row-major order, as a channels-last map's projection gives them; returns (B, N, heads, head_dim). Each
+    gathered window is a contiguous row of heads x head_dim values (a gather along any other axis copies one
+    value at a time: ONNX Runtime's Gather spent 3x longer that way)."""
+    b, n, heads, d = q.shape
+    bias_shape = rpb.shape[1:] if rpb is not None else [2 * kk - 1 for kk in kernel]
+    key, rel = _window_indices(spatial, kernel, bias_shape, q.device)
+    windows = key.shape[0]
+    flat_key = key.reshape(-1)
+    keys = k.index_select(1, flat_key).reshape(b, windows, n, heads, d)
+    logits = (q.unsqueeze(1) * keys).sum(-1)  # (B, k^d, N, heads)
+    if rpb is not None:
+        logits = logits + rpb.flatten(1).t().index_select(0, rel.reshape(-1)).reshape(windows, n, heads)
+    weights = logits.softmax(dim=1)
+    values = v.index_select(1, flat_key).reshape(b, windows, n, heads, d)
+    return (weights.unsqueeze(-1) * values).sum(1)
+
+
+def gathered_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
+                                    rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``neighborhood_attention`` (same layout) through the gathered form."""
+    spatial, (b, heads, d) = q.shape[3:], q.shape[:3]
+
+    def tokens(t):
+        return t.flatten(3).permute(0, 3, 1, 2)  # (B, N, heads, d)
+    out = gathered_neighborhood_attention_tokens(tokens(q), tokens(k), tokens(v), spatial, kernel, rpb)
+    return out.permute(0, 2, 3, 1).reshape(b, heads, d, *spatial)
 
 
 def _flat_offsets(spatial: Sequence[int], kernel: Sequence[int], bias_shape: Sequence[int], device):
