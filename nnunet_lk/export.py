@@ -337,6 +337,11 @@ class OnnxRuntimeNetwork(nn.Module):
         self.session = ort_session(onnx_path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
+    @property
+    def input_channels(self) -> Optional[int]:
+        channels = self.session.get_inputs()[0].shape[1]
+        return channels if isinstance(channels, int) else None
+
     def load_state_dict(self, state_dict=None, strict: bool = True, assign: bool = False):
         return None
 
@@ -348,9 +353,12 @@ class OnnxRuntimeNetwork(nn.Module):
 
 def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: str = "checkpoint_final.pth",
                    use_mirroring: bool = True, tile_step_size: float = 0.5, threads: Optional[int] = None,
-                   verbose: bool = False):
-    """An ``nnUNetPredictor`` set up from the model folder, whose network runs the ONNX model."""
-    require_extra("export", "nnunet-lk predict-onnx")
+                   verbose: bool = False, network_class=None):
+    """An ``nnUNetPredictor`` set up from the model folder, whose network runs the ONNX model (``network_class``:
+    the runtime's stand-in for the network, onnxruntime's by default)."""
+    if network_class is None:
+        require_extra("export", "nnunet-lk predict-onnx")
+        network_class = OnnxRuntimeNetwork
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     fold_name = fold if fold == "all" else int(fold)
     path = os.path.join(fold_folder(results_folder, fold_name), checkpoint_name)
@@ -369,10 +377,10 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
             os.environ.pop("nnUNet_compile", None)
         else:
             os.environ["nnUNet_compile"] = previous
-    network = OnnxRuntimeNetwork(onnx_path, threads)
+    network = network_class(onnx_path, threads)
     expected = _n_in(predictor)
-    channels = network.session.get_inputs()[0].shape[1]
-    if isinstance(channels, int) and channels != expected:
+    channels = network.input_channels
+    if channels is not None and channels != expected:
         raise ExportError(f"{onnx_path} takes {channels} input channels but {results_folder} expects {expected}: "
                           f"export this model folder again (nnunet-lk export)")
     predictor.network = network

@@ -1,6 +1,7 @@
 """Optional dependencies that only one command needs, installed as pip extras (setup.cfg):
-``export`` (onnx, onnxruntime, onnxscript: `nnunet-lk export` / `predict-onnx`), ``metrics`` (monai: HD95 and
-NSD in `nnunet-lk ablate`), ``slurm`` (submitit: `ablate --run --executor slurm`). ``test`` installs them all."""
+``export`` (onnx, onnxruntime, onnxscript: `nnunet-lk export` / `predict-onnx` / `predict --engine onnxruntime`),
+``openvino`` (`predict --engine openvino`), ``metrics`` (monai: HD95 and NSD in `nnunet-lk ablate`), ``slurm``
+(submitit: `ablate --run --executor slurm`). ``test`` installs them all."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,7 @@ from .errors import MissingExtraError
 EXTRAS = {
     "export": ("onnx", "onnxruntime", "onnxscript"),
     "metrics": ("monai",),
+    "openvino": ("openvino",),
     "slurm": ("submitit",),
 }
 

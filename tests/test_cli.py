@@ -236,7 +236,7 @@ def test_list_and_summary_help_show_every_option_with_its_default(capsys):
     assert "lmnet: levels=5, width=12, heads=12" in capsys.readouterr().out
 
 
-OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "monai", "submitit", "matplotlib")
+OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "monai", "submitit", "matplotlib", "openvino")
 BLOCK_OPTIONAL = f'''import sys
 class _NoExtras:
     """As if nnunet-lk were installed without its extras."""
@@ -254,7 +254,7 @@ def test_every_command_help_works_without_the_optional_extras(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     blocked = _nnunet_lk("export", "x", "-f", "0", "-o", str(tmp_path / "m.onnx"), env=env)
     assert blocked.returncode != 0 and "pip install 'nnunet-lk[export]'" in blocked.stderr  # the block works
-    commands = ("list", "summary", "env", "doctor", "plans", "bench", "ablate", "export", "predict-onnx")
+    commands = ("list", "summary", "env", "doctor", "plans", "bench", "ablate", "export", "predict", "predict-onnx")
     for command in ("", *commands):
         proc = _nnunet_lk(*([command] if command else []), "--help", env=env)
         assert proc.returncode == 0 and "usage: nnunet-lk" in proc.stdout, (command, proc.stderr[-2000:])
@@ -272,3 +272,9 @@ def test_every_command_help_works_without_the_optional_extras(tmp_path):
     proc = _nnunet_lk(*dry, "--executor", "slurm", env=env)
     assert proc.returncode != 0 and "pip install 'nnunet-lk[slurm]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the prediction engines name their extra before anything is read
+    for engine, extra in (("openvino", "openvino"), ("onnxruntime", "export")):
+        proc = _nnunet_lk("predict", "--engine", engine, "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m",
+                          str(tmp_path / "model"), "-f", "0", env=env)
+        assert proc.returncode != 0 and f"pip install 'nnunet-lk[{extra}]'" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

@@ -231,6 +231,20 @@ def test_predict_onnx_matches_nnunetv2_predict(exported, tmp_path):
         assert (a == b).mean() >= 0.999, f"{case}: {(a != b).sum()} of {a.size} voxels differ"
         assert len(np.unique(a)) >= 2  # a real segmentation, not one constant label
 
+    # every engine of `nnunet-lk predict`, the same label maps; openvino without --onnx exports the fold once
+    fold_onnx = folder / "fold_0" / "model.onnx"
+    fold_onnx.unlink(missing_ok=True)
+    for engine in ("torch", "openvino", "compile"):
+        out = tmp_path / engine
+        code = cli_main(["predict", "--engine", engine, "-i", str(images), "-o", str(out), "-m", str(folder),
+                         "-f", "0", "-npp", "0", "-nps", "0", "--threads", "1"])
+        assert code == 0, engine
+        for case in cases:
+            a, b = _read_labels(stock_out / case), _read_labels(out / case)
+            assert (a == b).mean() >= 0.999, f"{engine}, {case}: {(a != b).sum()} of {a.size} voxels differ"
+        if engine == "openvino":
+            assert fold_onnx.is_file() and fold_onnx.with_suffix(".json").is_file()
+
 
 def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -1,6 +1,6 @@
-"""``nnunet-lk export`` (a trained fold as ONNX, checked with onnxruntime) and ``nnunet-lk predict-onnx``
-(nnU-Net's predictor running that ONNX model; same output files as ``nnUNetv2_predict``). See
-``nnunet_lk/export.py``."""
+"""``nnunet-lk export`` (a trained fold as ONNX, checked with onnxruntime), ``nnunet-lk predict`` (nnU-Net's
+predictor on a chosen engine: torch, compile, onnxruntime, openvino; ``nnunet_lk/engines.py``) and ``nnunet-lk
+predict-onnx`` (the onnxruntime engine with a given ONNX file). Same output files as ``nnUNetv2_predict``."""
 from __future__ import annotations
 
 import argparse
@@ -46,29 +46,37 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict_onnx(args) -> int:
-    from ..export import ExportError, onnx_predictor
+    args.engine = "onnxruntime"
+    return cmd_predict(args, command="nnunet-lk predict-onnx")
+
+
+def cmd_predict(args, command: str = "nnunet-lk predict") -> int:
+    from ..engines import engine_predictor
+    from ..errors import UsageError
+    from ..export import ExportError
     from ..interrupt import install as end_on_interrupt
     from ..nonfinite_inputs import NonFiniteInputError, refuse_non_finite_inputs
     from .. import settings
     settings.mark_prediction_process()
     threads = args.threads or settings.cpu_threads(settings.usable_cores())
     try:
-        predictor = onnx_predictor(args.model_folder, args.onnx, args.fold, checkpoint_name=args.checkpoint,
-                                   use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
-                                   threads=threads, verbose=args.verbose)
+        predictor = engine_predictor(args.model_folder, args.fold, args.engine, onnx_path=args.onnx,
+                                     checkpoint_name=args.checkpoint, use_mirroring=not args.disable_tta,
+                                     tile_step_size=args.step_size, threads=threads, verbose=args.verbose,
+                                     log=lambda m: print(m, file=sys.stderr))
         inputs, damaged = _undamaged_inputs(args.input, predictor.dataset_json["file_ending"])
         refuse_non_finite_inputs(args.input, predictor, skip=damaged)
-    except (ExportError, CheckpointError, NonFiniteInputError) as e:
-        print(f"nnunet-lk predict-onnx: error: {e}", file=sys.stderr)
+    except (ExportError, CheckpointError, NonFiniteInputError, UsageError) as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 1
     os.makedirs(args.output, exist_ok=True)  # nnU-Net's sequential path expects it
-    end_on_interrupt(args.output, "nnunet-lk predict-onnx")
+    end_on_interrupt(args.output, command)
     if inputs:
         _predict(predictor, inputs, args)
     if damaged:
         listed = "; ".join(f"{case}: " + ", ".join(f"{name} is {problem}" for name, problem in files.items())
                            for case, files in damaged.items())
-        print(f"nnunet-lk predict-onnx: error: {len(damaged)} input case(s) in {args.input} are damaged and were "
+        print(f"{command}: error: {len(damaged)} input case(s) in {args.input} are damaged and were "
               f"not predicted ({listed}). Replace their files (`gzip -t FILE` checks a .gz) and run again with "
               f"--continue_prediction; the other {len(inputs)} case(s) are "
               f"in {args.output}.", file=sys.stderr)
@@ -115,16 +123,37 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
+        "predict", help="nnUNetv2_predict on a CPU engine: torch, compile (torch.compile), onnxruntime or openvino",
+        description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) with "
+                    "the network's forward on the chosen engine, for any nnU-Net model folder (nnunet-lk backbones "
+                    "and stock nnU-Net). The ONNX engines export the fold once (fold_F/model.onnx, checked against "
+                    "PyTorch) unless --onnx names a file. Inputs are checked as for predict-onnx.")
+    p.add_argument("--engine", choices=("torch", "compile", "onnxruntime", "openvino"), default="torch",
+                   help="torch: eager (as nnUNetv2_predict -device cpu); compile: torch.compile (inductor); "
+                        "onnxruntime (pip extra export); openvino (pip extra openvino). Default torch")
+    p.add_argument("--onnx", help="ONNX engines: the .onnx file `nnunet-lk export` wrote (default: "
+                                  "fold_F/model.onnx, exported on first use)")
+    _prediction_arguments(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser(
         "predict-onnx", help="nnUNetv2_predict with the network replaced by an exported ONNX model",
         description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) "
-                    "with onnxruntime computing the logits. Input cases with NaN/Inf voxels are refused before "
+                    "with onnxruntime computing the logits (`nnunet-lk predict --engine onnxruntime --onnx FILE`). "
+                    "Input cases with NaN/Inf voxels are refused before "
                     "anything is predicted; truncated or corrupt files are named and left out, the other cases "
                     "predicted, and the exit status is 1. One Ctrl-C ends it, keeping every complete output.")
+    p.add_argument("--onnx", required=True, help="the .onnx file written by `nnunet-lk export`")
+    _prediction_arguments(p)
+    p.set_defaults(func=cmd_predict_onnx)
+
+
+def _prediction_arguments(p) -> None:
+    """What predict and predict-onnx take, spelled as nnUNetv2_predict spells it."""
     p.add_argument("-i", "--input", required=True, help="folder of images named as for nnUNetv2_predict")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder the ONNX came from")
-    p.add_argument("--onnx", required=True, help="the .onnx file written by `nnunet-lk export`")
-    p.add_argument("-f", "--fold", type=_fold, required=True, help="the fold that was exported")
+    p.add_argument("-m", "--model-folder", required=True, help="the nnU-Net model folder (TRAINER__PLANS__CONFIG)")
+    p.add_argument("-f", "--fold", type=_fold, required=True, help="the fold to predict with (one)")
     add_checkpoint_flag(p)
     p.add_argument("-step_size", dest="step_size", type=float, default=0.5,
                    help="sliding-window step (nnU-Net's default 0.5), as nnUNetv2_predict -step_size")
@@ -136,6 +165,5 @@ def register(subparsers) -> None:
     p.add_argument("-npp", type=int, default=1, help="preprocessing processes (0: no multiprocessing)")
     p.add_argument("-nps", type=int, default=1, help="export processes (0: no multiprocessing)")
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: NNUNET_LK_THREADS, else the cores idle now)")
+                   help="the engine's threads (default: NNUNET_LK_THREADS, else the cores idle now)")
     p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=cmd_predict_onnx)

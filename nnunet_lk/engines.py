@@ -1,0 +1,105 @@
+"""Engines for nnU-Net's own predictor on a CPU: the predictor keeps preprocessing, sliding window, Gaussian
+weighting, mirroring, resampling and export; only the network's forward changes.
+
+- ``torch``: eager PyTorch, as ``nnUNetv2_predict -device cpu`` runs it.
+- ``compile``: torch.compile (inductor), nnU-Net's own switch (``nnUNet_compile``).
+- ``onnxruntime``: the fold exported to ONNX (``nnunet-lk export``), run by ONNX Runtime.
+- ``openvino``: the same ONNX model compiled by OpenVINO's runtime for the CPU, in fp32.
+
+Works for any model folder nnU-Net can predict with: every nnunet-lk backbone and stock nnU-Net's own networks.
+An ONNX engine without ``--onnx`` exports the fold once, next to its checkpoint (``fold_F/model.onnx``, checked
+against PyTorch as ``nnunet-lk export`` checks it), and reuses it afterwards."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .extras import require_extra
+from .model_folder import fold_folder
+
+ENGINES = ("torch", "compile", "onnxruntime", "openvino")
+ONNX_ENGINES = ("onnxruntime", "openvino")
+EXTRA_OF = {"onnxruntime": "export", "openvino": "openvino"}
+
+
+class OpenVinoNetwork(nn.Module):
+    """Stands in for ``nnUNetPredictor.network`` as ``export.OnnxRuntimeNetwork`` does, with OpenVINO's runtime
+    (CPU plugin, fp32 inference precision: no silent bf16 on CPUs that have it)."""
+
+    def __init__(self, onnx_path: str, threads: Optional[int] = None):
+        super().__init__()
+        import openvino as ov
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.onnx_path = onnx_path
+        self.compiled = ov.Core().compile_model(onnx_path, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+
+    @property
+    def input_channels(self) -> Optional[int]:
+        channels = self.compiled.input(0).get_partial_shape()[1]
+        return channels.get_length() if channels.is_static else None
+
+    def load_state_dict(self, state_dict=None, strict: bool = True, assign: bool = False):
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.request.infer({0: array})[self.output]
+        return torch.from_numpy(out.copy()).to(x.device)
+
+
+def default_onnx_path(results_folder: str, fold) -> str:
+    return os.path.join(fold_folder(results_folder, fold), "model.onnx")
+
+
+def engine_predictor(results_folder: str, fold, engine: str, onnx_path: Optional[str] = None,
+                     checkpoint_name: str = "checkpoint_final.pth", use_mirroring: bool = True,
+                     tile_step_size: float = 0.5, threads: Optional[int] = None, verbose: bool = False, log=print):
+    """An ``nnUNetPredictor`` for ``results_folder``'s ``fold`` whose network runs on ``engine``."""
+    from .errors import UsageError
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    fold = fold if fold == "all" else int(fold)
+    if engine in ONNX_ENGINES:
+        require_extra(EXTRA_OF[engine], f"nnunet-lk predict --engine {engine}")
+        require_extra("export", f"nnunet-lk predict --engine {engine}")
+        from .export import export_model_folder, onnx_predictor
+        if onnx_path is None:
+            onnx_path = default_onnx_path(results_folder, fold)
+            if not os.path.isfile(onnx_path):
+                log(f"exporting fold {fold} of {results_folder} to {onnx_path} (once; later runs reuse it)")
+                export_model_folder(results_folder, fold, onnx_path, checkpoint_name=checkpoint_name, log=log)
+        return onnx_predictor(results_folder, onnx_path, fold, checkpoint_name=checkpoint_name,
+                              use_mirroring=use_mirroring, tile_step_size=tile_step_size, threads=threads,
+                              verbose=verbose, network_class=OpenVinoNetwork if engine == "openvino" else None)
+    return _torch_predictor(results_folder, fold, engine == "compile", checkpoint_name, use_mirroring,
+                            tile_step_size, threads, verbose)
+
+
+def _torch_predictor(results_folder: str, fold, compile_network: bool, checkpoint_name: str, use_mirroring: bool,
+                     tile_step_size: float, threads: Optional[int], verbose: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    previous = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "t" if compile_network else "f"  # nnU-Net's predictor compiles on this switch
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            predictor.initialize_from_trained_model_folder(results_folder, (fold,), checkpoint_name)
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_compile", None)
+        else:
+            os.environ["nnUNet_compile"] = previous
+    if threads:
+        torch.set_num_threads(int(threads))  # after nnU-Net's and our trainers' own setting
+    return predictor
