@@ -231,7 +231,7 @@ def _curves_plot(abl: Ablation, out: Path, trainers, short) -> Path:
 
 def _repeats_plot(abl: Ablation, out: Path, trainers, short) -> Path:
     """The spread between trainings: each repeat's mean Dice as a point, their mean as a bar, per trainer."""
-    fig, ax = _pyplot().subplots(figsize=(max(5, 1.1 * len(trainers)), 4))
+    fig, ax = _pyplot().subplots(figsize=(max(6.5, 1.3 * len(trainers)), 4.5))
     for x, t in enumerate(trainers):
         values = list(abl.trainers[t].get("Dice_repeat_means", {}).values())
         if values:
@@ -239,7 +239,8 @@ def _repeats_plot(abl: Ablation, out: Path, trainers, short) -> Path:
             ax.hlines(np.mean(values), x - 0.3, x + 0.3, colors="k", lw=1.5)
     ax.set_xticks(range(len(trainers)), [short[t] for t in trainers], rotation=45, ha="right")
     ax.set_ylabel("mean Dice of one training")
-    ax.set_title(f"{abl.dataset} {abl.configuration}: {abl.repeats} repeats per trainer")
+    ax.set_title(f"{abl.dataset} {abl.configuration}: each training's Dice (up to {abl.repeats} per trainer)",
+                 fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out / "ablate_repeats.png")
 
