@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .extras import require_extra
-from .model_folder import fold_folder
+from .model_folder import fold_folder, nnunet_compile
 
 ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 ONNX_ENGINES = ("onnxruntime", "openvino")
@@ -90,16 +90,8 @@ def _torch_predictor(results_folder: str, fold, compile_network: bool, checkpoin
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    previous = os.environ.get("nnUNet_compile")
-    os.environ["nnUNet_compile"] = "t" if compile_network else "f"  # nnU-Net's predictor compiles on this switch
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            predictor.initialize_from_trained_model_folder(results_folder, (fold,), checkpoint_name)
-    finally:
-        if previous is None:
-            os.environ.pop("nnUNet_compile", None)
-        else:
-            os.environ["nnUNet_compile"] = previous
+    with nnunet_compile(compile_network), contextlib.redirect_stdout(sys.stderr):
+        predictor.initialize_from_trained_model_folder(results_folder, (fold,), checkpoint_name)
     if threads:
         torch.set_num_threads(int(threads))  # after nnU-Net's and our trainers' own setting
     return predictor

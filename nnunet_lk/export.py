@@ -40,7 +40,7 @@ from .blocks.ops import with_axiswise_norms
 from .errors import ExportError
 from .extras import require_extra
 from .checkpoints import read_checkpoint
-from .model_folder import LoadedFold, checkpoint_trainer_class, fold_folder, load_fold  # noqa: F401  (public here too)
+from .model_folder import LoadedFold, checkpoint_trainer_class, fold_folder, load_fold, nnunet_compile  # noqa: F401  (public here too)
 
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME = "image"
@@ -367,16 +367,9 @@ def onnx_predictor(results_folder: str, onnx_path: str, fold, checkpoint_name: s
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    previous = os.environ.get("nnUNet_compile")
-    os.environ["nnUNet_compile"] = "f"  # nothing to compile: the network will be onnxruntime
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            predictor.initialize_from_trained_model_folder(results_folder, (fold_name,), checkpoint_name)
-    finally:
-        if previous is None:
-            os.environ.pop("nnUNet_compile", None)
-        else:
-            os.environ["nnUNet_compile"] = previous
+    # nothing to compile: the network will be the ONNX runtime
+    with nnunet_compile(False), contextlib.redirect_stdout(sys.stderr):
+        predictor.initialize_from_trained_model_folder(results_folder, (fold_name,), checkpoint_name)
     network = network_class(onnx_path, threads)
     expected = _n_in(predictor)
     channels = network.input_channels

@@ -4,10 +4,11 @@ statically with deep supervision off, loaded strictly and put in inference form 
 blocks fused). Used by the ONNX export and ``predict-onnx``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch.nn as nn
 
@@ -40,6 +41,21 @@ def checkpoint_trainer_class(trainer_name: str, checkpoint_path: str):
     except AssertionError:  # found, but not an nnUNetTrainer
         raise ExportError(f"{checkpoint_path} names the trainer {trainer_name!r}, not an nnUNetTrainer") from None
     return cls
+
+
+@contextlib.contextmanager
+def nnunet_compile(enabled: bool) -> Iterator[None]:
+    """nnU-Net's predictor compiles its network when ``nnUNet_compile`` is true: set it for the duration (while
+    the predictor is initialised) and restore what was there."""
+    previous = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "t" if enabled else "f"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_compile", None)
+        else:
+            os.environ["nnUNet_compile"] = previous
 
 
 def fold_folder(results_folder: str, fold) -> str:

@@ -19,29 +19,17 @@ def _inputs(shape, kernel, dtype=torch.double, seed=0):
     return q, k, v, rpb
 
 
-@pytest.mark.parametrize("shape,kernel", CASES)
+@pytest.mark.parametrize("form,shape,kernel",
+                         [("streaming", *c) for c in CASES] +
+                         [("gathered", *c) for c in CASES + [((1, 1, 3, 4, 5, 7), (3, 5, 5))]])
 @pytest.mark.parametrize("bias", [True, False])
-def test_streaming_form_computes_the_reference_outputs_and_gradients(shape, kernel, bias):
+def test_streaming_and_gathered_forms_compute_the_reference_outputs_and_gradients(form, shape, kernel, bias):
     q, k, v, rpb = _inputs(shape, kernel)
     rpb = rpb if bias else None
     inputs = (q, k, v, rpb) if bias else (q, k, v)
     ref = neighborhood_attention(q, k, v, kernel, rpb)
-    out = streaming_neighborhood_attention(q, k, v, kernel, rpb)
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape,kernel", CASES + [((1, 1, 3, 4, 5, 7), (3, 5, 5))])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gathered_form_computes_the_reference_outputs_and_gradients(shape, kernel, bias):
-    q, k, v, rpb = _inputs(shape, kernel)
-    rpb = rpb if bias else None
-    inputs = (q, k, v, rpb) if bias else (q, k, v)
-    ref = neighborhood_attention(q, k, v, kernel, rpb)
-    out = gathered_neighborhood_attention(q, k, v, kernel, rpb)
+    attend = streaming_neighborhood_attention if form == "streaming" else gathered_neighborhood_attention
+    out = attend(q, k, v, kernel, rpb)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(ref)
