@@ -1,5 +1,6 @@
-"""CPU inference per case on every engine of `nnunet-lk predict` (torch, compile, onnxruntime, openvino), for any
-nnU-Net model folders (stock nnU-Net's and ours), with nnU-Net's own sliding window.
+"""CPU inference per case on every engine of `nnunet-lk predict` (torch, compile, onnxruntime, openvino, and the
+INT8 models of `nnunet-lk quantize` as onnxruntime-int8 / openvino-int8), for any nnU-Net model folders (stock
+nnU-Net's and ours), with nnU-Net's own sliding window.
 
 Every (model, engine) pair runs ``nnUNetPredictor.predict_logits_from_preprocessed_data`` on the same cases
 (each case preprocessed once per model, not timed), interleaved case by case and repeat by repeat, so that load
@@ -68,11 +69,16 @@ def _macs(model: str) -> int:
 def run(models, engines, cases_folder: Path, n_cases: int, repeats: int, threads: int, mirroring: bool, fold,
         checkpoint: str, log) -> dict:
     from nnunet_lk.engines import engine_predictor
+    from nnunet_lk.quantize import int8_path
     predictors = {}
     for model in models:
         for engine in engines:
-            predictors[(model, engine)] = engine_predictor(model, fold, engine, checkpoint_name=checkpoint,
-                                                           use_mirroring=mirroring, threads=threads, log=log)
+            # an INT8 model is timed whether or not quantize accepted it; the record carries the verdict
+            runtime, onnx_path = (engine[:-len("-int8")], int8_path(model, fold)) if engine.endswith("-int8") \
+                else (engine, None)
+            predictors[(model, engine)] = engine_predictor(model, fold, runtime, onnx_path=onnx_path,
+                                                           checkpoint_name=checkpoint, use_mirroring=mirroring,
+                                                           threads=threads, log=log)
     torch.set_num_threads(threads)
     peak = sgemm_peak("cpu") * 1e9
     first = predictors[(models[0], engines[0])]
@@ -114,8 +120,15 @@ def markdown(record: dict) -> str:
     lines = [f"# CPU engines per case: {record['dataset']} {record['configuration']}", "",
              "nnU-Net's own sliding window (`predict_logits_from_preprocessed_data`), median over repeats then over "
              f"{len(record['cases'])} cases, engines interleaved case by case. Ratio: to `{record['first']}`. "
-             "Roof: the network's MACs per patch x patches (x mirrorings) at the fp32 sgemm peak of the same run.",
-             ""]
+             "Roof: the network's MACs per patch x patches (x mirrorings) at the fp32 sgemm peak of the same run "
+             "(INT8 engines may pass it).", ""]
+    if record.get("int8"):
+        lines += ["INT8 models (`nnunet-lk quantize`): foreground Dice on the fold's validation cases", "",
+                  "| model | fp32 | INT8 | drop | accepted |", "|---|---|---|---|---|"]
+        for model, v in record["int8"].items():
+            lines.append(f"| {model} | {v['fp32']:.4f} | {v['int8']:.4f} | {v['drop']:+.4f} | "
+                         f"{'yes' if v['accepted'] else 'no'} |")
+        lines.append("")
     for block in record["runs"]:
         lines += [f"## {block['threads']} thread(s), mirroring {'on' if block['mirroring'] else 'off'} "
                   f"(sgemm peak {block['sgemm_gflops']:.0f} GFLOP/s)", "",
@@ -128,10 +141,23 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _int8_verdicts(models, fold) -> dict:
+    from nnunet_lk.quantize import int8_path, report_path
+    verdicts = {}
+    for model in models:
+        report = json.loads(Path(report_path(int8_path(model, fold))).read_text())
+        verdicts[Path(model).name] = {"fp32": report["validation"]["fp32_foreground_dice"],
+                                      "int8": report["validation"]["int8_foreground_dice"],
+                                      "drop": report["dice_drop"], "accepted": report["accepted"],
+                                      "validation_cases": len(report["validation"]["cases"])}
+    return verdicts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="model folders; the first is the reference")
-    parser.add_argument("--engines", nargs="+", default=["torch", "compile", "onnxruntime", "openvino"])
+    parser.add_argument("--engines", nargs="+", default=["torch", "compile", "onnxruntime", "openvino"],
+                        help="also onnxruntime-int8, openvino-int8: fold_F/model.int8.onnx of `nnunet-lk quantize`")
     parser.add_argument("-f", "--fold", default="0")
     parser.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth")
     parser.add_argument("-i", "--input", required=True, help="folder of raw images (CASE_0000.nii.gz ...)")
@@ -153,7 +179,8 @@ def main(argv=None) -> int:
               "first": f"{Path(args.models[0]).name}|{args.engines[0]}", "models": [os.path.abspath(m) for m in
                                                                                   args.models],
               "engines": args.engines, "cases": sorted(runs[0]["per_case"]), "repeats": args.repeats,
-              "load_average": os.getloadavg()[0], "torch": torch.__version__, "runs": runs}
+              "load_average": os.getloadavg()[0], "torch": torch.__version__, "runs": runs,
+              "int8": _int8_verdicts(args.models, fold) if any(e.endswith("-int8") for e in args.engines) else {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"engines_{record['dataset']}_{configuration}"

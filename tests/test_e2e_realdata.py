@@ -106,7 +106,7 @@ def assert_onnx_matches_pytorch_on_real_data(root: Path, env: dict, model: Path,
 
     from nnunet_lk.export import load_fold, max_abs_difference_on, ort_session
 
-    onnx_path = root / "onnx" / f"{model.name}.onnx"
+    onnx_path = model / "fold_0" / "model.onnx"  # where the ONNX engines and `quantize` look for it
     run(["nnunet-lk", "export", model, "--fold", "0", "-o", onnx_path], env)
     fold = load_fold(str(model), 0)
     session = ort_session(str(onnx_path))
@@ -126,6 +126,42 @@ def assert_onnx_matches_pytorch_on_real_data(root: Path, env: dict, model: Path,
     for case in cases:
         a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / case))) for folder in (predicted, out))
         assert a.shape == b.shape and (a == b).mean() >= 0.999, f"{case}: {(a != b).sum()} voxels differ"
+
+
+def test_int8_is_validated_against_fp32_and_predicts_only_when_accepted(trained_fold):
+    """`nnunet-lk quantize` on the trained LM-Net fold (its gathered attention included): calibrated on the fold's
+    training cases, both models scored on its validation cases; the fp32 score is the one nnU-Net's own final
+    validation gave (same cases, same network, no mirroring); `predict --int8` then follows the verdict."""
+    import numpy as np
+    import SimpleITK as sitk
+    fold = trained_fold(LMNET)
+    proc = run(["nnunet-lk", "quantize", fold.model, "-f", "0", "--disable_tta", "--calibration-patches", "16"],
+               fold.env, check=False)
+    report = json.loads((fold.fold / "model.int8.json").read_text())
+    split = json.loads((fold.root / "preprocessed" / "Dataset004_Hippocampus" / "splits_final.json").read_text())[0]
+    validation = report["validation"]
+    print(f"INT8 LM-Net: fp32 {validation['fp32_foreground_dice']:.4f}, int8 {validation['int8_foreground_dice']:.4f}, "
+          f"accepted {report['accepted']}")
+    assert report["calibration"]["cases"] == len(split["train"]) and validation["cases"] == split["val"]
+    nnunet_validation = json.loads((fold.fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert validation["fp32_foreground_dice"] == pytest.approx(nnunet_validation, abs=0.005)
+    assert report["dice_drop"] == pytest.approx(validation["fp32_foreground_dice"] - validation["int8_foreground_dice"])
+    assert abs(report["dice_drop"]) < 0.05  # quantisation noise, not a broken graph
+    assert proc.returncode == (0 if report["accepted"] else 1) and report["accepted"] == (report["dice_drop"] <= 0.005)
+
+    out = fold.root / "pred_int8"
+    predict = ["nnunet-lk", "predict", "--engine", "onnxruntime", "--int8", "-i", fold.root / "new_cases", "-o", out,
+               "-m", fold.model, "-f", "0", "-npp", "0", "-nps", "0"]
+    if not report["accepted"]:
+        refused = run(predict, fold.env, check=False)
+        assert refused.returncode == 1 and "was not accepted" in refused.stderr and not list(out.glob("*.nii.gz"))
+        return
+    run(predict, fold.env)
+    cases = sorted(p.name for p in fold.prediction.glob("*.nii.gz"))
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == cases
+    agreement = np.mean([(sitk.GetArrayFromImage(sitk.ReadImage(str(fold.prediction / c)))
+                          == sitk.GetArrayFromImage(sitk.ReadImage(str(out / c)))).mean() for c in cases])
+    assert agreement >= 0.99, agreement
 
 
 def assert_predictor_uses_fused_kernels(model: Path, cases: Path, env: dict) -> None:

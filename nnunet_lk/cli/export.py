@@ -1,6 +1,7 @@
 """``nnunet-lk export`` (a trained fold as ONNX, checked with onnxruntime), ``nnunet-lk predict`` (nnU-Net's
 predictor on a chosen engine: torch, compile, onnxruntime, openvino; ``nnunet_lk/engines.py``) and ``nnunet-lk
-predict-onnx`` (the onnxruntime engine with a given ONNX file). Same output files as ``nnUNetv2_predict``."""
+predict-onnx`` (the onnxruntime engine with a given ONNX file), ``nnunet-lk quantize`` (INT8 for the ONNX engines,
+validated against fp32; ``nnunet_lk/quantize.py``). Same output files as ``nnUNetv2_predict``."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from ..errors import ExportError, UsageError
+    from ..quantize import quantize_model_folder
+    from .. import settings
+    settings.mark_prediction_process()
+    threads = args.threads or settings.cpu_threads(settings.usable_cores())
+    try:
+        report = quantize_model_folder(args.results_folder, args.fold, checkpoint_name=args.checkpoint,
+                                       n_patches=args.calibration_patches, max_drop=args.max_drop,
+                                       use_mirroring=not args.disable_tta, threads=threads,
+                                       log=lambda m: print(m, file=sys.stderr))
+    except (ExportError, CheckpointError, UsageError) as e:
+        print(f"nnunet-lk quantize: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if report["accepted"] else 1
+
+
 def cmd_predict_onnx(args) -> int:
     args.engine = "onnxruntime"
     return cmd_predict(args, command="nnunet-lk predict-onnx")
@@ -60,7 +78,14 @@ def cmd_predict(args, command: str = "nnunet-lk predict") -> int:
     settings.mark_prediction_process()
     threads = args.threads or settings.cpu_threads(settings.usable_cores())
     try:
-        predictor = engine_predictor(args.model_folder, args.fold, args.engine, onnx_path=args.onnx,
+        onnx_path = args.onnx
+        if getattr(args, "int8", False):
+            from ..quantize import accepted_int8_model
+            if args.engine not in ("onnxruntime", "openvino") or args.onnx:
+                raise UsageError("--int8 runs the fold's accepted INT8 model (nnunet-lk quantize) on --engine "
+                                 "onnxruntime or openvino, without --onnx")
+            onnx_path = accepted_int8_model(args.model_folder, args.fold, args.checkpoint)
+        predictor = engine_predictor(args.model_folder, args.fold, args.engine, onnx_path=onnx_path,
                                      checkpoint_name=args.checkpoint, use_mirroring=not args.disable_tta,
                                      tile_step_size=args.step_size, threads=threads, verbose=args.verbose,
                                      log=lambda m: print(m, file=sys.stderr))
@@ -133,8 +158,32 @@ def register(subparsers) -> None:
                         "onnxruntime (pip extra export); openvino (pip extra openvino). Default torch")
     p.add_argument("--onnx", help="ONNX engines: the .onnx file `nnunet-lk export` wrote (default: "
                                   "fold_F/model.onnx, exported on first use)")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX engines: the fold's INT8 model (fold_F/model.int8.onnx), only if `nnunet-lk quantize` "
+                        "accepted it for the checkpoint there now")
     _prediction_arguments(p)
     p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser(
+        "quantize", help="INT8 for the ONNX engines: calibrated on the fold's training cases, accepted only where "
+                         "the validation Dice stays within --max-drop of fp32",
+        description="ONNX Runtime static quantisation (QDQ: int8 weights per channel, uint8 activations) of the "
+                    "fold's exported model (fold_F/model.onnx, exported first if missing), calibrated on patches of "
+                    "the fold's preprocessed training cases (nnUNet_preprocessed, splits_final.json). nnU-Net's "
+                    "predictor then runs fp32 and INT8 on the fold's validation cases (nnUNet_raw) and nnU-Net's "
+                    "metrics score both. Writes fold_F/model.int8.onnx and model.int8.json; exit status 0 when "
+                    "accepted (foreground Dice drop <= --max-drop), 1 otherwise (predict --int8 then refuses it).")
+    p.add_argument("results_folder", help="nnU-Net model folder: nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG")
+    p.add_argument("-f", "--fold", type=_fold, required=True, help="fold number (its validation cases are the check)")
+    add_checkpoint_flag(p)
+    p.add_argument("--calibration-patches", type=int, default=64,
+                   help="patches of the plans' patch size cut from the training cases (default 64)")
+    p.add_argument("--max-drop", type=float, default=0.005,
+                   help="largest accepted foreground Dice drop against fp32 (default 0.005)")
+    p.add_argument("--disable_tta", action="store_true", help="validate without mirroring (faster)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime's threads (default: NNUNET_LK_THREADS, else the cores idle now)")
+    p.set_defaults(func=cmd_quantize)
 
     p = subparsers.add_parser(
         "predict-onnx", help="nnUNetv2_predict with the network replaced by an exported ONNX model",
