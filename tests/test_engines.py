@@ -1,0 +1,71 @@
+"""The engines of `nnunet-lk predict` (nnunet_lk/engines.py) on stock nnU-Net's own 3D networks, plain and residual
+encoder: nnU-Net's predictor gives the same logits on the plans' patch whichever engine runs the network. (The
+label maps of every engine against `nnUNetv2_predict` on real images: tests/test_export.py; INT8:
+tests/test_quantize.py.)"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.modelfolder import FIXTURES, make_model_folder
+
+PATCH = [32, 48, 32]  # the export also checks half of it: 2 x 3 x 2 at the bottleneck
+
+
+def _stock_3d_plans(architecture: str) -> dict:
+    plans = json.loads((FIXTURES / "hippocampus_plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    config["patch_size"] = PATCH
+    kwargs = config["architecture"]["arch_kwargs"]
+    kwargs["features_per_stage"] = [4, 8, 8, 8]
+    if architecture == "resenc":  # nnU-Net's ResEnc presets: residual blocks in the encoder, plain decoder
+        config["architecture"]["network_class_name"] = \
+            "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        kwargs["n_blocks_per_stage"] = [1, 2, 2, 2]
+        del kwargs["n_conv_per_stage"]
+        kwargs["n_conv_per_stage_decoder"] = [1, 1, 1]
+    return copy.deepcopy(plans)
+
+
+@pytest.mark.parametrize("architecture", ["plain", "resenc"])
+def test_onnx_engines_give_torchs_logits_for_stock_3d_networks(tmp_path, architecture):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk.engines import engine_predictor
+
+    plans = _stock_3d_plans(architecture)
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, True)
+    assert type(net).__name__ == {"plain": "PlainConvUNet", "resenc": "ResidualEncoderUNet"}[architecture]
+    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net, configuration="3d_fullres")
+    generator = torch.Generator().manual_seed(1)
+    patch = torch.randn(2, 1, *PATCH, generator=generator)
+    case = torch.randn(1, PATCH[0] + 9, PATCH[1] + 5, PATCH[2], generator=generator)  # a few sliding windows
+
+    network_logits, case_logits = {}, {}
+    for engine in ("torch", "onnxruntime", "openvino"):
+        predictor = engine_predictor(str(folder), 0, engine, use_mirroring=True, threads=1, log=lambda m: None)
+        with torch.no_grad():
+            network_logits[engine] = predictor.network(patch).float().numpy()
+        case_logits[engine] = predictor.predict_logits_from_preprocessed_data(case).float().numpy()
+    assert (Path(folder) / "fold_0" / "model.onnx").is_file()  # exported once, then reused by openvino
+    reference, whole = network_logits["torch"], case_logits["torch"]
+    assert reference.shape == (2, 3, *PATCH) and reference.std() > 0 and whole.shape == (3, *case.shape[1:])
+    for engine in ("onnxruntime", "openvino"):
+        # the network on the plans' patch: float32 rounding
+        difference = np.abs(network_logits[engine] - reference).max()
+        assert difference <= 1e-4 * max(1.0, np.abs(reference).max()), f"{engine}: {difference:.2e}"
+        # the whole sliding window with mirroring. nnU-Net accumulates Gaussian-weighted logits in float16, and at
+        # window corners the weights are ~1e-6 (subnormal): there a 1e-5 difference of the network's output shows
+        # as up to ~0.1, in a few voxels of the case border. So: the 99.9th percentile, and the labels.
+        difference = np.quantile(np.abs(case_logits[engine] - whole), 0.999)
+        assert difference <= 4e-3 * max(1.0, np.abs(whole).max()), f"{engine}, case: {difference:.2e}"
+        assert (case_logits[engine].argmax(0) == whole.argmax(0)).mean() >= 0.999
