@@ -76,6 +76,9 @@ def run(models, engines, cases_folder: Path, n_cases: int, repeats: int, threads
             # an INT8 model is timed whether or not quantize accepted it; the record carries the verdict
             runtime, onnx_path = (engine[:-len("-int8")], int8_path(model, fold)) if engine.endswith("-int8") \
                 else (engine, None)
+            if onnx_path and not os.path.isfile(onnx_path):
+                log(f"{Path(model).name}: no INT8 model (nnunet-lk quantize), {engine} left out")
+                continue
             predictors[(model, engine)] = engine_predictor(model, fold, runtime, onnx_path=onnx_path,
                                                            checkpoint_name=checkpoint, use_mirroring=mirroring,
                                                            threads=threads, log=log)
@@ -145,6 +148,8 @@ def _int8_verdicts(models, fold) -> dict:
     from nnunet_lk.quantize import int8_path, report_path
     verdicts = {}
     for model in models:
+        if not os.path.isfile(report_path(int8_path(model, fold))):
+            continue
         report = json.loads(Path(report_path(int8_path(model, fold))).read_text())
         verdicts[Path(model).name] = {"fp32": report["validation"]["fp32_foreground_dice"],
                                       "int8": report["validation"]["int8_foreground_dice"],

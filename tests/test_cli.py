@@ -254,7 +254,8 @@ def test_every_command_help_works_without_the_optional_extras(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     blocked = _nnunet_lk("export", "x", "-f", "0", "-o", str(tmp_path / "m.onnx"), env=env)
     assert blocked.returncode != 0 and "pip install 'nnunet-lk[export]'" in blocked.stderr  # the block works
-    commands = ("list", "summary", "env", "doctor", "plans", "bench", "ablate", "export", "predict", "predict-onnx")
+    commands = ("list", "summary", "env", "doctor", "plans", "bench", "ablate", "export", "predict", "predict-onnx",
+                "quantize")
     for command in ("", *commands):
         proc = _nnunet_lk(*([command] if command else []), "--help", env=env)
         assert proc.returncode == 0 and "usage: nnunet-lk" in proc.stdout, (command, proc.stderr[-2000:])
@@ -278,3 +279,5 @@ def test_every_command_help_works_without_the_optional_extras(tmp_path):
                           str(tmp_path / "model"), "-f", "0", env=env)
         assert proc.returncode != 0 and f"pip install 'nnunet-lk[{extra}]'" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+    proc = _nnunet_lk("quantize", str(tmp_path / "model"), "-f", "0", env=env)
+    assert proc.returncode != 0 and "pip install 'nnunet-lk[export]'" in proc.stderr and "Traceback" not in proc.stderr
