@@ -299,3 +299,14 @@ def test_repeats_are_read_summarised_and_tested_over_cases_and_repeats(synthetic
     with open(tmp_path / "single" / "ablate_cases.csv") as f:
         assert "repeat" not in next(csv.reader(f))
     assert "## Repeats" not in (tmp_path / "single" / "ablate_report.md").read_text()
+
+
+def test_bootstrap_p_of_zero_reads_as_below_what_the_resamples_can_show():
+    from nnunet_lk.ablate.report import bootstrap_p
+    from nnunet_lk.ablate.statistics import repeat_bootstrap
+    cases = [f"c{i}" for i in range(20)]
+    far = repeat_bootstrap({c: [0.9, 0.91] for c in cases}, {c: [0.5, 0.52] for c in cases}, resamples=1000)
+    assert far["p_value"] == 0.0 and bootstrap_p(far) == "< 2e-03"
+    near = repeat_bootstrap({c: [0.5 + 0.01 * (i % 3 - 1)] for i, c in enumerate(cases)}, {c: [0.5] for c in cases},
+                            resamples=1000)
+    assert 0.0 < near["p_value"] <= 1.0 and bootstrap_p(near) == f"{near['p_value']:.4f}"

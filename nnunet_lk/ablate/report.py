@@ -18,6 +18,15 @@ def _fmt(v, digits=4) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def bootstrap_p(test: dict) -> str:
+    """A bootstrap p-value as text: 0 means no resample crossed zero, i.e. below the smallest p the resamples can
+    show (2 / resamples, two-sided)."""
+    p = test.get("p_value")
+    if p == 0.0 and test.get("resamples"):
+        return f"< {2.0 / test['resamples']:.0e}"
+    return _fmt(p)
+
+
 def _cls_name(abl: Ablation, key: str) -> str:
     return abl.class_names.get(key, key)
 
@@ -85,7 +94,7 @@ def repeats_section(abl: Ablation) -> list:
         lines.append(f"| {trainer}{' (baseline)' if trainer == abl.baseline else ''} | {len(done)} | "
                      f"{' '.join('–' if r['seed'] is None else str(r['seed']) for r in done.values()) or '–'} | "
                      f"{' '.join(_fmt(means.get(k)) for k in done) or '–'} | {_fmt(info.get('Dice_repeat_mean'))} ± "
-                     f"{_fmt(info.get('Dice_repeat_sd'))} | {diff} | {_fmt(test['p_value']) if test else '–'} |")
+                     f"{_fmt(info.get('Dice_repeat_sd'))} | {diff} | {bootstrap_p(test) if test else '–'} |")
     partial = [f"{t} repeat {k} (folds {r['folds']})" for t, i in abl.trainers.items()
                for k, r in i.get("repeats", {}).items() if not r["complete"]]
     if partial:
