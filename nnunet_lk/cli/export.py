@@ -80,8 +80,9 @@ def cmd_predict(args, command: str = "nnunet-lk predict") -> int:
     try:
         onnx_path = args.onnx
         if getattr(args, "int8", False):
+            from ..engines import ONNX_ENGINES
             from ..quantize import accepted_int8_model
-            if args.engine not in ("onnxruntime", "openvino") or args.onnx:
+            if args.engine not in ONNX_ENGINES or args.onnx:
                 raise UsageError("--int8 runs the fold's accepted INT8 model (nnunet-lk quantize) on --engine "
                                  "onnxruntime or openvino, without --onnx")
             onnx_path = accepted_int8_model(args.model_folder, args.fold, args.checkpoint)
