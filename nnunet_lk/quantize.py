@@ -129,16 +129,10 @@ def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray]) ->
 
     convs = [node.name for node in onnx.load(fp32_path, load_external_data=False).graph.node if node.op_type == "Conv"]
     float_convs = sorted({convs[0], convs[-1]}) if convs else []
-    tmp = output + ".partial"
-    with tempfile.TemporaryDirectory() as scratch:  # ONNX Runtime's calibration writes an augmented model here
-        cwd = os.getcwd()
-        os.chdir(scratch)
-        try:
-            quantize_static(fp32_path, tmp, Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_convs)
-        finally:
-            os.chdir(cwd)
+    tmp = output + ".partial"  # ONNX Runtime writes its augmented calibration model to a temporary folder itself
+    quantize_static(fp32_path, tmp, Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_convs)
     os.replace(tmp, output)
 
 
