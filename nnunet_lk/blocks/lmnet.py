@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..errors import NetworkConfigError
 from .ops import (adaptive_avg_pool, anisotropic_kernel, as_tuple, batch_norm_op, conv_dim, linear_interpolation_mode,
                   pointwise_conv, same_padding)
-from .neighborhood import (gathered_neighborhood_attention_tokens, neighborhood_attention,
+from .neighborhood import (gathered_neighborhood_attention_planes, neighborhood_attention,
                            streaming_neighborhood_attention)
 from .recompute import LeanForm, LeanRegion, keep_marked_outputs, kept, lean_applies, recompute_all, recompute_cheap
 from .reparam import ReparamDepthwise
@@ -199,9 +199,16 @@ class NeighborhoodAttention(LeanForm, nn.Module):
             # exported: one gather of all windows, on the projection's own channels-last layout (a few graph
             # nodes instead of one gather per window offset and axis); not in 3D, where its k^3 copies of keys
             # and values would outgrow the reference form's k^3 logits per head
-            q, k, v = self.qkv(x).reshape(b, -1, 3, self.heads, self.head_dim).unbind(2)
-            out = gathered_neighborhood_attention_tokens(q * self.scale, k, v, spatial, self.kernel, self.rpb)
-            return self.proj(out.reshape(b, *spatial, self.heads * self.head_dim))
+            # qkv's outputs and proj's inputs taken in (head_dim, heads) order (folded into the exported weights),
+            # so that moving to and from head-dim planes moves rows of `heads` values, not of head_dim
+            channels = self.heads * self.head_dim
+            order = torch.arange(channels, device=x.device).reshape(self.heads, self.head_dim).t().reshape(-1)
+            rows = torch.cat([order + i * channels for i in range(3)])
+            qkv = F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
+            q, k, v = qkv.reshape(b, -1, 3, self.head_dim, self.heads).permute(2, 3, 0, 1, 4).unbind(0)
+            out = gathered_neighborhood_attention_planes(q * self.scale, k, v, spatial, self.kernel, self.rpb)
+            out = out.permute(1, 2, 0, 3).reshape(b, *spatial, channels)  # (B, N, head_dim, heads)
+            return F.linear(out, self.proj.weight[:, order], self.proj.bias)
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.heads, self.head_dim)
         qkv = qkv.permute(self.dim + 1, 0, self.dim + 2, self.dim + 3, *range(1, self.dim + 1))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, heads, d, *S)

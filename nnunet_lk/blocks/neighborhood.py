@@ -8,7 +8,8 @@ axis as window (natten refuses it). q (already scaled), k, v: (B, heads, head_di
   weights (autograd keeps them all).
 - ``gathered_neighborhood_attention``: the export form. Every window of every query in one gather of the keys and
   one of the values, indices built with a few broadcast operations whatever the window: an exported graph holds
-  a handful of nodes instead of one gather per window offset and axis. Memory O(k^d · heads · head_dim · voxels).
+  a handful of nodes instead of one gather per window offset and axis, each a plain elementwise op or a reduction
+  over a leading axis. Memory O(k^d · heads · head_dim · voxels).
 - ``streaming_neighborhood_attention``: the memory-lean form. One pass over the window offsets with a running
   maximum and sum (the online softmax); backward recomputes each offset's weight from the log-sum-exp and scatters
   its gradient back. Memory O(heads · head_dim · voxels): the size of q, k and v, whatever the window.
@@ -82,25 +83,30 @@ def _window_indices(spatial: Sequence[int], kernel: Sequence[int], bias_shape: S
     return key, rel
 
 
-def gathered_neighborhood_attention_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def gathered_neighborhood_attention_planes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                            spatial: Sequence[int], kernel: Sequence[int],
                                            rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The gathered form on tokens: q (already scaled), k, v (B, N, heads, head_dim) with N = prod(spatial) in
-    row-major order, as a channels-last map's projection gives them; returns (B, N, heads, head_dim). Each
-    gathered window is a contiguous row of heads x head_dim values (a gather along any other axis copies one
-    value at a time: ONNX Runtime's Gather spent 3x longer that way)."""
-    b, n, heads, d = q.shape
+    """The gathered form on head-dim planes: q (already scaled), k, v (head_dim, B, N, heads) with N = prod(spatial)
+    in row-major order; returns (head_dim, B, N, heads). Each gathered key is a contiguous row of ``heads`` values
+    (ONNX Runtime's Gather spent 3x longer copying one value at a time), and the sums over head_dim run over the
+    first axis: along the last one (head_dim = 1 to 4 values) ONNX Runtime's broadcasts and reductions run an inner
+    loop per handful of values and took up to 7x longer."""
+    d, b, n, heads = q.shape
     bias_shape = rpb.shape[1:] if rpb is not None else [2 * kk - 1 for kk in kernel]
     key, rel = _window_indices(spatial, kernel, bias_shape, q.device)
     windows = key.shape[0]
     flat_key = key.reshape(-1)
-    keys = k.index_select(1, flat_key).reshape(b, windows, n, heads, d)
-    logits = (q.unsqueeze(1) * keys).sum(-1)  # (B, k^d, N, heads)
+    keys = k.index_select(2, flat_key).reshape(d, b, windows, n, heads)
+    products = q.unsqueeze(2) * keys
+    # one plane needs no sum (ONNX Runtime's ReduceSum over a length-1 axis took as long as a 9-plane sum)
+    logits = products.squeeze(0) if d == 1 else products.sum(0)  # (B, k^d, N, heads)
     if rpb is not None:
         logits = logits + rpb.flatten(1).t().index_select(0, rel.reshape(-1)).reshape(windows, n, heads)
-    weights = logits.softmax(dim=1)
-    values = v.index_select(1, flat_key).reshape(b, windows, n, heads, d)
-    return (weights.unsqueeze(-1) * values).sum(1)
+    # the softmax over the window axis spelled out, normalised after the weighted sum: ONNX Runtime runs a Softmax
+    # on any axis but the last as transposes around a row kernel (rows of k^d values here), 5x slower than these
+    weights = (logits - logits.amax(dim=1, keepdim=True)).exp()
+    values = v.index_select(2, flat_key).reshape(d, b, windows, n, heads)
+    return (weights * values).sum(2) / weights.sum(1)
 
 
 def gathered_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
@@ -108,10 +114,10 @@ def gathered_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """``neighborhood_attention`` (same layout) through the gathered form."""
     spatial, (b, heads, d) = q.shape[3:], q.shape[:3]
 
-    def tokens(t):
-        return t.flatten(3).permute(0, 3, 1, 2)  # (B, N, heads, d)
-    out = gathered_neighborhood_attention_tokens(tokens(q), tokens(k), tokens(v), spatial, kernel, rpb)
-    return out.permute(0, 2, 3, 1).reshape(b, heads, d, *spatial)
+    def planes(t):
+        return t.flatten(3).permute(2, 0, 3, 1)  # (d, B, N, heads)
+    out = gathered_neighborhood_attention_planes(planes(q), planes(k), planes(v), spatial, kernel, rpb)
+    return out.permute(1, 3, 0, 2).reshape(b, heads, d, *spatial)
 
 
 def _flat_offsets(spatial: Sequence[int], kernel: Sequence[int], bias_shape: Sequence[int], device):
