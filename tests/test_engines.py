@@ -1,5 +1,6 @@
 """The engines of `nnunet-lk predict` (nnunet_lk/engines.py) on stock nnU-Net's own 3D networks, plain and residual
-encoder: nnU-Net's predictor gives the same logits on the plans' patch whichever engine runs the network. (The
+encoder: nnU-Net's predictor gives the same logits on the plans' patch whichever engine runs the network, through
+the ONNX engines' models specialised to the window's shape and their general ones. (The
 label maps of every engine against `nnUNetv2_predict` on real images: tests/test_export.py; INT8:
 tests/test_quantize.py.)"""
 from __future__ import annotations
@@ -50,19 +51,27 @@ def test_onnx_engines_give_torchs_logits_for_stock_3d_networks(tmp_path, archite
     patch = torch.randn(2, 1, *PATCH, generator=generator)
     case = torch.randn(1, PATCH[0] + 9, PATCH[1] + 5, PATCH[2], generator=generator)  # a few sliding windows
 
-    network_logits, case_logits = {}, {}
+    network_logits, window_logits, case_logits = {}, {}, {}
     for engine in ("torch", "onnxruntime", "openvino"):
         predictor = engine_predictor(str(folder), 0, engine, use_mirroring=True, threads=1, log=lambda m: None)
         with torch.no_grad():
-            network_logits[engine] = predictor.network(patch).float().numpy()
+            window_logits[engine] = predictor.network(patch[:1]).float().numpy()  # the shape the predictor feeds
+            network_logits[engine] = predictor.network(patch).float().numpy()  # any other shape
         case_logits[engine] = predictor.predict_logits_from_preprocessed_data(case).float().numpy()
+        if engine == "onnxruntime":  # a session for the window's shape (free dimensions fixed), one for the rest
+            assert predictor.network.session.get_inputs()[0].shape == [1, 1, *PATCH]
+            assert predictor.network.session_for((2, 1, *PATCH)).get_inputs()[0].shape[0] == "batch"
+        elif engine == "openvino":  # a static model for the window's shape, the dynamic one for the rest
+            assert list(predictor.network.compiled.input(0).get_partial_shape().to_shape()) == [1, 1, *PATCH]
+            assert predictor.network.request_for((2, 1, *PATCH)) is not predictor.network.request
     assert (Path(folder) / "fold_0" / "model.onnx").is_file()  # exported once, then reused by openvino
     reference, whole = network_logits["torch"], case_logits["torch"]
     assert reference.shape == (2, 3, *PATCH) and reference.std() > 0 and whole.shape == (3, *case.shape[1:])
     for engine in ("onnxruntime", "openvino"):
         # the network on the plans' patch: float32 rounding
-        difference = np.abs(network_logits[engine] - reference).max()
-        assert difference <= 1e-4 * max(1.0, np.abs(reference).max()), f"{engine}: {difference:.2e}"
+        for logits, expected in ((network_logits[engine], reference), (window_logits[engine], window_logits["torch"])):
+            difference = np.abs(logits - expected).max()
+            assert difference <= 1e-4 * max(1.0, np.abs(expected).max()), f"{engine}: {difference:.2e}"
         # the whole sliding window with mirroring. nnU-Net accumulates Gaussian-weighted logits in float16, and at
         # window corners the weights are ~1e-6 (subnormal): there a 1e-5 difference of the network's output shows
         # as up to ~0.1, in a few voxels of the case border. So: the 99.9th percentile, and the labels.
