@@ -3,6 +3,7 @@ classes separate dense, depthwise and matrix-product work from the rest, and bot
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -80,3 +81,16 @@ def test_openvino_profile_covers_the_executed_nodes(tiny_onnx):
 ])
 def test_onnxruntime_classes(op, inputs, expected):
     assert engine_profile.ort_class(op, inputs) == expected
+
+
+def test_int8_convolutions_keep_their_class(tiny_onnx, tmp_path):
+    """ONNX Runtime runs INT8 convolutions as QLinearConv with prepacked weights: the class comes from the graph."""
+    pytest.importorskip("onnxruntime")
+    from nnunet_lk.quantize import quantize_onnx
+    _, path = tiny_onnx
+    int8 = str(tmp_path / "tiny.int8.onnx")
+    rng = np.random.default_rng(0)
+    quantize_onnx(path, int8, [rng.standard_normal((1, 2, 24, 20)).astype(np.float32) for _ in range(4)])
+    assert sorted(engine_profile.conv_kinds(int8).values()) == ["conv", "conv", "depthwise conv"]
+    profile = engine_profile.profile_onnxruntime(int8, [1, 2, 24, 20], threads=1, repeats=3, warmup=1)
+    assert profile["class_ms"]["depthwise conv"] > 0 and profile["class_ms"]["(de)quantise"] > 0
