@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from depthwise_ops import sgemm_peak  # noqa: E402
-from onnx_inference import _cases, _preprocess  # noqa: E402
+from onnx_inference import case_files, preprocess_case  # noqa: E402
 
 
 def _timed(predictor, data) -> float:
@@ -87,13 +87,13 @@ def run(models, engines, cases_folder: Path, n_cases: int, repeats: int, threads
     first = predictors[(models[0], engines[0])]
     dataset_json = first.dataset_json
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    cases = _cases(cases_folder, dataset_json["file_ending"], n_channels, n_cases)
+    cases = case_files(cases_folder, dataset_json["file_ending"], n_channels, n_cases)
     macs = {m: _macs(m) for m in models}
     mirrors = {m: (2 ** len(predictors[(m, engines[0])].allowed_mirroring_axes or ()) if mirroring else 1)
                for m in models}
     per_case = {}
     for case, files in cases.items():
-        data = {m: _preprocess(predictors[(m, engines[0])], files) for m in models}
+        data = {m: preprocess_case(predictors[(m, engines[0])], files) for m in models}
         for key, p in predictors.items():  # warm-up: allocations, first runs, compilation
             _timed(p, data[key[0]])
         times = {key: [] for key in predictors}

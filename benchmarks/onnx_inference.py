@@ -42,7 +42,7 @@ def _fold(value: str):
     return value if value == "all" else int(value)
 
 
-def _cases(folder: Path, file_ending: str, n_channels: int, limit: int):
+def case_files(folder: Path, file_ending: str, n_channels: int, limit: int):
     """Case id -> channel files, named as nnUNetv2_predict expects (CASE_0000.nii.gz ...)."""
     cases = {}
     for p in sorted(folder.iterdir()):
@@ -66,7 +66,7 @@ def _predictor(model_folder: str, fold, checkpoint: str, mirroring: bool):
     return predictor
 
 
-def _preprocess(predictor, files):
+def preprocess_case(predictor, files):
     pp = predictor.configuration_manager.preprocessor_class(verbose=False)
     data, _, _ = pp.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
                              predictor.dataset_json)
@@ -127,10 +127,10 @@ def main(argv=None) -> int:
 
     dataset_json = engines["pytorch"].dataset_json
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    cases = _cases(Path(args.input), dataset_json["file_ending"], n_channels, args.cases)
+    cases = case_files(Path(args.input), dataset_json["file_ending"], n_channels, args.cases)
     per_case = {}
     for case, files in cases.items():
-        data = {name: _preprocess(p, files) for name, p in engines.items()}
+        data = {name: preprocess_case(p, files) for name, p in engines.items()}
         for name, p in engines.items():  # warm-up (allocations, onnxruntime's first run)
             _timed(p, data[name])
         times = {name: [] for name in engines}

@@ -50,6 +50,11 @@ def _checkpoint_stamp(path: str) -> dict:
     return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _same_checkpoint(a: dict, b: dict) -> bool:
+    """Two stamps name the same checkpoint file contents (wherever the model folder has moved)."""
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
 # ---- calibration data ------------------------------------------------------------------------------------------
 def _environment_folder(variable: str, purpose: str) -> str:
     folder = os.environ.get(variable)
@@ -258,9 +263,7 @@ def accepted_int8_model(results_folder: str, fold, checkpoint_name: str = "check
         raise UsageError(f"{path} was not accepted: its foreground Dice dropped by {info['dice_drop']:.4f} against "
                          f"fp32 on the fold's validation cases (limit {info['max_drop']}). Predict in fp32 (no --int8)")
     checkpoint = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
-    stamp = info["checkpoint"]
-    if not os.path.isfile(checkpoint) or {k: v for k, v in _checkpoint_stamp(checkpoint).items() if k != "path"} != \
-            {k: v for k, v in stamp.items() if k != "path"}:
+    if not os.path.isfile(checkpoint) or not _same_checkpoint(_checkpoint_stamp(checkpoint), info["checkpoint"]):
         raise UsageError(f"{path} was made from another {checkpoint_name} than the one in fold_{fold} now: "
                          f"delete {os.path.dirname(path)}/model.onnx and run `{make}` again")
     return path
