@@ -44,7 +44,10 @@ class OpenVinoNetwork(nn.Module):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         model = self.core.read_model(onnx_path)
         if self.input_shape is not None:
-            model.reshape({model.input(0).get_any_name(): list(self.input_shape)})
+            try:
+                model.reshape({model.input(0).get_any_name(): list(self.input_shape)})
+            except RuntimeError:  # a graph OpenVINO cannot make static: every shape runs on the dynamic model
+                model, self.input_shape = self.core.read_model(onnx_path), None
         self.compiled = self.core.compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
         self._general = None if self.input_shape is not None else self.request

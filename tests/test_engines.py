@@ -78,3 +78,22 @@ def test_onnx_engines_give_torchs_logits_for_stock_3d_networks(tmp_path, archite
         difference = np.quantile(np.abs(case_logits[engine] - whole), 0.999)
         assert difference <= 4e-3 * max(1.0, np.abs(whole).max()), f"{engine}, case: {difference:.2e}"
         assert (case_logits[engine].argmax(0) == whole.argmax(0)).mean() >= 0.999
+
+
+def test_openvino_runs_the_dynamic_model_where_it_cannot_be_made_static(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    ov = pytest.importorskip("openvino")
+    from nnunet_lk.engines import OpenVinoNetwork
+    from nnunet_lk.export import export_network
+    net = torch.nn.Conv2d(1, 2, 3, padding=1).eval()
+    path = str(tmp_path / "conv.onnx")
+    export_network(net, path, 1, [1, 1], [8, 8])
+
+    def refuse(self, shapes):
+        raise RuntimeError("cannot make this graph static")
+    monkeypatch.setattr(ov.Model, "reshape", refuse)
+    network = OpenVinoNetwork(path, 1, input_shape=(1, 1, 8, 8))
+    assert network.input_shape is None and network.request_for((1, 1, 8, 8)) is network.request
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), net(x), atol=1e-5, rtol=1e-5)
