@@ -131,7 +131,7 @@ def release_once_resubmitted(cluster, job_id, before):
     def release():
         wait_until("the killed job's resubmission", lambda: len(array_ids(cluster) - before) == 2, timeout=300)
         cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-        cluster.run("scontrol", "release", job_id)
+        cluster.run("scontrol", "release", job_id, check=False)
     thread = threading.Thread(target=release, daemon=True)
     thread.start()
     return thread
