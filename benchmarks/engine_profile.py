@@ -131,13 +131,13 @@ def graph_macs(path: str, input_shape: Sequence[int]) -> Dict[str, int]:
     names = [o.name for o in session.get_outputs()]
     shapes = {n: list(v.shape) for n, v in zip(names, session.run(names, {session.get_inputs()[0].name: x}))}
     shapes.update(weights)
+    kinds = conv_kinds(path)
     macs: Dict[str, int] = defaultdict(int)
     for n in nodes:
         a, w, out = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in n.attribute}
         if n.op_type == "Conv":
-            depthwise = attrs.get("group", 1) > 1 and w[1] == 1
-            macs["depthwise conv" if depthwise else "conv"] += math.prod(out) * math.prod(w[1:])
+            macs[kinds[n.name]] += math.prod(out) * math.prod(w[1:])
         elif n.op_type == "ConvTranspose":
             macs["conv"] += math.prod(a) * math.prod(w[1:])
         elif n.op_type == "Gemm":
@@ -147,7 +147,7 @@ def graph_macs(path: str, input_shape: Sequence[int]) -> Dict[str, int]:
     return dict(macs)
 
 
-def ov_class(node_type: str, exec_type: str) -> str:
+def ov_class(node_type: str) -> str:
     if node_type in ("Convolution", "Deconvolution", "ConvolutionBackpropData"):
         return "conv"
     if node_type == "GroupConvolution":
@@ -164,19 +164,15 @@ def _shape_list(entries) -> List[List[int]]:
 
 # ---- profiling ---------------------------------------------------------------------------------------------------
 def profile_onnxruntime(path: str, shape: Sequence[int], threads: int, repeats: int, warmup: int = 3) -> dict:
-    """Per class: median ms per call and MACs per call, from ONNX Runtime's profiler (warm-up calls dropped); nodes
-    executed per call; median wall ms per call without profiling."""
+    """Per class: median ms per call, from ONNX Runtime's profiler (warm-up calls dropped); nodes executed per call;
+    median wall ms per call without profiling."""
     import onnxruntime as ort
-    from nnunet_lk.export import free_dimensions, ort_session
+    from nnunet_lk.export import ort_options, ort_session
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     plain = ort_session(path, threads, shape)
     name = plain.get_inputs()[0].name
     wall = _wall(lambda: plain.run(None, {name: x}), repeats, warmup)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    for dim, value in free_dimensions(path, shape).items():
-        options.add_free_dimension_override_by_name(dim, value)
+    options = ort_options(path, threads, shape)
     with tempfile.TemporaryDirectory() as folder:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(folder, "ort")
@@ -224,7 +220,7 @@ def profile_openvino(path: str, shape: Sequence[int], threads: int, repeats: int
         times = defaultdict(float)
         executed = [p for p in request.get_profiling_info() if p.status == ov.ProfilingInfo.Status.EXECUTED]
         for p in executed:
-            times[ov_class(p.node_type, p.exec_type)] += p.real_time.total_seconds() * 1e3
+            times[ov_class(p.node_type)] += p.real_time.total_seconds() * 1e3
         nodes = len(executed)
         per_run.append(times)
     return _summary(per_run, wall, nodes)

@@ -209,6 +209,12 @@ def export_network(network: nn.Module, path: str, num_input_channels: int, multi
 def ort_session(path: str, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None):
     """An onnxruntime CPU session; ``input_shape``: the one input shape it will see (its free dimensions fixed)."""
     import onnxruntime as ort
+    return ort.InferenceSession(path, ort_options(path, threads, input_shape), providers=["CPUExecutionProvider"])
+
+
+def ort_options(path: str, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None):
+    """The session options of ``ort_session`` (for callers that add their own, e.g. profiling)."""
+    import onnxruntime as ort
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -216,7 +222,7 @@ def ort_session(path: str, threads: Optional[int] = None, input_shape: Optional[
     options.log_severity_level = 3
     for name, value in free_dimensions(path, input_shape).items():
         options.add_free_dimension_override_by_name(name, value)
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return options
 
 
 def free_dimensions(path: str, input_shape: Optional[Sequence[int]]) -> dict:
