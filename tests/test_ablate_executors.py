@@ -37,13 +37,14 @@ def ablate(out, *extra):
             "--latency-repeats", "0", "--no-plots", "-o", out, *extra]
 
 
-def wait_until(what, check, timeout, interval=0.5):
+def wait_until(what, check, timeout, interval=0.5, log: Path = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    tail = f"; the job's log ends:\n{read(log)[-3000:]}" if log is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
 def read(path: Path) -> str:
@@ -83,7 +84,8 @@ def array_ids(cluster) -> set:
 
 def submit_without_waiting_twice(cluster, out, env, slurm_args, before):
     """A refused sbatch, --dry-run, then --no-wait twice: one job array, the second call submits nothing.
-    Returns {trainer: job id}, {trainer: job log}."""
+    The partition is down meanwhile (SLURM queues the jobs but starts none), so that no two-iteration training
+    can end before the test signals it. Returns {trainer: job id}, {trainer: job log}."""
     refused = run(ablate(out, *slurm_args, "--slurm-partition", "nope", "--no-wait"), env, timeout=300, check=False)
     assert refused.returncode == 2 and "sbatch refused the jobs" in refused.stderr, refused.stderr
     assert "invalid partition" in refused.stderr.lower() and not (out / "ablate_jobs.json").exists()
@@ -93,6 +95,14 @@ def submit_without_waiting_twice(cluster, out, env, slurm_args, before):
     assert "#SBATCH --array=0-1%2" in script and "#SBATCH --cpus-per-task=1" in script
     assert not (out / "ablate_jobs.json").exists() and array_ids(cluster) == before  # nothing submitted
 
+    cluster.run("scontrol", "update", f"PartitionName={cluster.partition}", "State=DOWN")
+    try:
+        return _submit_twice(cluster, out, env, slurm_args, before, script)
+    finally:
+        cluster.run("scontrol", "update", f"PartitionName={cluster.partition}", "State=UP")
+
+
+def _submit_twice(cluster, out, env, slurm_args, before, script):
     first = run(ablate(out, *slurm_args, "--no-wait"), env, timeout=300)
     submitted = dict(re.findall(r"submitted slurm job (\S+): train (\S+) 2d fold 0", first.stdout))
     assert sorted(submitted.values()) == sorted(TRAINERS), first.stdout
@@ -105,19 +115,23 @@ def submit_without_waiting_twice(cluster, out, env, slurm_args, before):
     assert written.strip() == script.strip()  # --dry-run printed the script submitit wrote
 
     second = run(ablate(out, *slurm_args, "--no-wait"), env, timeout=300)
-    assert "submitted slurm job" not in second.stdout and second.stdout.count("not submitted again") == 2
+    assert "submitted slurm job" not in second.stdout and second.stdout.count("is still PENDING") == 2, second.stdout
     assert array_ids(cluster) - before == {array}
     return {t: j for j, t in submitted.items()}, {r["trainer"]: Path(r["stdout"]) for r in state}
 
 
 def kill_one_and_signal_the_other(cluster, ids, logs):
-    """Once both trainings run: scancel LGMSNet's job; send the stock one SLURM's time-limit warning (USR2), on
-    which submitit checkpoints and requeues it; let the requeued job start without SLURM's requeue delay."""
-    wait_until("both jobs to start nnUNetv2_train", lambda: all("nnunet-lk: start" in read(p) for p in logs.values()),
-               timeout=240)
+    """As soon as each training starts (the partition is up again): send the stock job SLURM's time-limit warning
+    (USR2), on which submitit checkpoints and requeues it; scancel LGMSNet's job. Then hold the requeued job."""
+    wait_until("the stock job to start nnUNetv2_train", lambda: "nnunet-lk: start" in read(logs[STOCK]),
+               timeout=240, interval=0.1, log=logs[STOCK])
     cluster.run("scancel", "--signal=USR2", ids[STOCK])
+    wait_until("the LGMSNet job to start nnUNetv2_train", lambda: "nnunet-lk: start" in read(logs[LGMS]),
+               timeout=240, interval=0.1, log=logs[LGMS])
     cluster.run("scancel", ids[LGMS])
-    wait_until("submitit to requeue the signalled job", lambda: "Requeued job" in read(logs[STOCK]), timeout=60)
+    # SLURM's requeue may kill the job before submitit logs "Requeued job": ask the scheduler
+    wait_until("submitit to requeue the signalled job", lambda: cluster.restarts(ids[STOCK]) == 1, timeout=120,
+               log=logs[STOCK])
     wait_until("the requeued job to be back in the queue",
                lambda: cluster.job_states(ids[STOCK]) in (["PENDING"], ["RUNNING"]), timeout=60)
     # SLURM keeps a requeued job pending for a while; hold it there, so that the next call finds it queued
@@ -164,7 +178,7 @@ def test_slurm_submits_once_reports_kills_requeues_and_resumes(cluster, hippocam
     assert re.search(rf"slurm job {resubmitted} .*-> RUNNING", third.stderr)  # progress while waiting
     assert "slurm: 0 running, 0 pending, 2 finished, 0 failed" in third.stderr
     stock_log = read(logs[STOCK])
-    assert "Requeued job" in stock_log and re.findall(r"nnunet-lk: start \S+ (\w+) ", stock_log) == ["train", "resume"]
+    assert "Calling checkpoint method" in stock_log and re.findall(r"nnunet-lk: start \S+ (\w+) ", stock_log) == ["train", "resume"]
     assert f"-tr {STOCK} -p nnUNetPlans_cpu -device cpu --npz --c" in stock_log
     assert_trained(results)
     record = json.loads((out / "ablate_results.json").read_text())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,11 @@ class LocalSlurm:
         """JobState of a job (one per array task) from `scontrol show job`, e.g. ["COMPLETED"]; [] once forgotten."""
         out = self.run("scontrol", "show", "job", str(job_id), check=False).stdout
         return [line.split("JobState=", 1)[1].split()[0] for line in out.splitlines() if "JobState=" in line]
+
+    def restarts(self, job_id: str) -> int:
+        """How many times SLURM has requeued the job (`scontrol show job`'s Restarts); 0 once forgotten."""
+        out = self.run("scontrol", "show", "job", str(job_id), check=False).stdout
+        return max((int(n) for n in re.findall(r"\bRestarts=(\d+)", out)), default=0)
 
     def wait_job(self, job_id: str, timeout: float = 120) -> list[str]:
         """Polls until no task of the job is PENDING/CONFIGURING/RUNNING/COMPLETING; returns the final states."""
