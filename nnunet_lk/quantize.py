@@ -6,6 +6,11 @@ drops by at most ``max_drop`` against the fp32 model.
   (``splits_final.json``), half of them centred on a foreground voxel (activations of the structures that matter
   reach the calibrated ranges), the rest anywhere; zero-padded where a case is smaller, as nnU-Net's sliding
   window pads.
+- What is quantised (``ops``): ``all`` operators ONNX Runtime can quantise (convolutions, and the elementwise
+  operators, pooling, resizing and concatenations between them), or only the ``conv``\ olutions. On Hippocampus
+  ``conv`` made stock nnU-Net's INT8 model 17 % faster in OpenVINO (no quantise/dequantise pairs around its
+  float normalisations), and DLKUNet-M's 40 % slower (its elementwise gates then run between float and int8):
+  time the fold's model.int8.onnx with ``benchmarks/engines.py`` to choose.
 - Quantisation: QDQ format, int8 weights per output channel, uint8 activations, min/max calibration (ONNX
   Runtime's defaults for x86 with VNNI); normalisation and softmax stay in float, and so do the first convolution
   (it sees the intensities) and the last (the logits): on a trained LM-Net fold that halved the Dice lost
@@ -35,6 +40,8 @@ from .model_folder import fold_folder
 DEFAULT_MAX_DROP = 0.005
 DEFAULT_CALIBRATION_PATCHES = 64
 SIDECAR_FORMAT = "nnunet-lk int8 1"
+# what `ops` quantises: None = every operator type ONNX Runtime's QDQ quantiser supports
+QUANTIZED_OPS = {"all": None, "conv": ["Conv"]}
 
 
 def int8_path(results_folder: str, fold) -> str:
@@ -116,9 +123,11 @@ def calibration_patches(data_folder: str, identifiers: Sequence[str], patch_size
 
 
 # ---- quantisation ----------------------------------------------------------------------------------------------
-def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray]) -> None:
-    """ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8 activations, min/max ranges), the
-    first and the last convolution left in float."""
+def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray], ops: str = "all") -> None:
+    """ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8 activations, min/max ranges) of the
+    operator types ``ops`` names (:data:`QUANTIZED_OPS`), the first and the last convolution left in float."""
+    if ops not in QUANTIZED_OPS:
+        raise UsageError(f"--ops {ops!r}: choose one of {', '.join(QUANTIZED_OPS)}")
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -137,7 +146,8 @@ def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray]) ->
     tmp = output + ".partial"  # ONNX Runtime writes its augmented calibration model to a temporary folder itself
     quantize_static(fp32_path, tmp, Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_convs)
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_convs,
+                    op_types_to_quantize=QUANTIZED_OPS[ops])
     os.replace(tmp, output)
 
 
@@ -175,7 +185,7 @@ def validation_dice(results_folder: str, fold: int, onnx_path: str, cases: Seque
 def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "checkpoint_final.pth",
                           n_patches: int = DEFAULT_CALIBRATION_PATCHES, max_drop: float = DEFAULT_MAX_DROP,
                           use_mirroring: bool = True, threads: Optional[int] = None, seed: int = 0,
-                          log=print) -> dict:
+                          ops: str = "all", log=print) -> dict:
     """``nnunet-lk quantize``: export the fold if needed, quantise it, validate both models, write the report.
     Returns the report; ``report["accepted"]`` says whether ``predict --int8`` may use the model."""
     require_extra("export", "nnunet-lk quantize")
@@ -183,6 +193,8 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
         raise UsageError("fold 'all' has no validation cases to check INT8 against fp32 on: quantise a numbered fold")
     if n_patches < 1:
         raise UsageError(f"--calibration-patches {n_patches}: give at least 1")
+    if ops not in QUANTIZED_OPS:
+        raise UsageError(f"--ops {ops!r}: choose one of {', '.join(QUANTIZED_OPS)}")
     fold = int(fold)
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from .engines import default_onnx_path
@@ -215,7 +227,7 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
     patches = calibration_patches(data_folder, split["train"], patch_size, n_patches, seed)
     int8 = int8_path(results_folder, fold)
     log(f"calibrating on {n_patches} patches {patch_size} of {len(split['train'])} training cases")
-    quantize_onnx(fp32, int8, patches)
+    quantize_onnx(fp32, int8, patches, ops)
 
     log(f"validating fp32 and INT8 on the {len(split['val'])} validation cases of fold {fold}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -228,8 +240,9 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
         "format": SIDECAR_FORMAT, "model": os.path.abspath(int8), "fp32_model": os.path.abspath(fp32),
         "checkpoint": _checkpoint_stamp(loaded.checkpoint_path), "fold": fold,
         "quantisation": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 per channel",
-                         "activations": "uint8", "calibration": "min/max",
-                         "float": "normalisation, softmax, the first and the last convolution"},
+                         "activations": "uint8", "calibration": "min/max", "ops": ops,
+                         "float": ("normalisation, softmax, the first and the last convolution"
+                                   + ("" if ops == "all" else ", every operator but convolutions"))},
         "calibration": {"patches": n_patches, "patch_size": patch_size, "cases": len(split["train"]), "seed": seed,
                         "source": data_folder},
         "validation": {"cases": list(split["val"]), "mirroring": use_mirroring,

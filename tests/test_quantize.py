@@ -86,6 +86,41 @@ def test_quantized_model_tracks_fp32_and_stores_int8_weights(tmp_path):
     assert not (tmp_path / "model.int8.onnx.partial").exists()
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b, self.head = (torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                                torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 2, 1))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.b(torch.relu(self.a(x))) + x) * torch.sigmoid(x))
+
+
+@pytest.mark.parametrize("ops", ["all", "conv"])
+def test_quantized_operator_types_follow_ops(tmp_path, ops):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from nnunet_lk.export import INPUT_NAME
+    torch.manual_seed(0)
+    fp32 = tmp_path / "model.onnx"
+    torch.onnx.export(_Residual().eval(), (torch.randn(1, 1, 12, 12),), str(fp32), input_names=[INPUT_NAME],
+                      output_names=["logits"], dynamo=False)
+    rng = np.random.default_rng(0)
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_onnx(str(fp32), str(int8), [rng.standard_normal((1, 1, 12, 12)).astype(np.float32) for _ in range(4)],
+                  ops=ops)
+    graph = onnx.load(str(int8)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    quantized = {producer.get(n.input[0], "input") for n in graph.node if n.op_type == "QuantizeLinear"}
+    if ops == "conv":  # only convolutions' results and inputs: no pairs around the residual Add, the gate's Mul
+        assert "Conv" in quantized and not quantized & {"Add", "Mul", "Sigmoid"}, quantized
+    else:
+        assert {"Conv", "Add", "Mul", "Sigmoid"} <= quantized, quantized
+    with pytest.raises(UsageError, match="--ops 'gemm': choose one of all, conv"):
+        quantize_onnx(str(fp32), str(tmp_path / "x.onnx"), [], ops="gemm")
+
+
 def _int8_folder(tmp_path, accepted: bool):
     fold = tmp_path / "model" / "fold_0"
     fold.mkdir(parents=True)

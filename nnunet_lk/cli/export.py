@@ -55,7 +55,7 @@ def cmd_quantize(args) -> int:
     try:
         report = quantize_model_folder(args.results_folder, args.fold, checkpoint_name=args.checkpoint,
                                        n_patches=args.calibration_patches, max_drop=args.max_drop,
-                                       use_mirroring=not args.disable_tta, threads=threads,
+                                       use_mirroring=not args.disable_tta, threads=threads, ops=args.ops,
                                        log=lambda m: print(m, file=sys.stderr))
     except (ExportError, CheckpointError, UsageError) as e:
         print(f"nnunet-lk quantize: error: {e}", file=sys.stderr)
@@ -181,6 +181,9 @@ def register(subparsers) -> None:
                    help="patches of the plans' patch size cut from the training cases (default 64)")
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="largest accepted foreground Dice drop against fp32 (default 0.005)")
+    p.add_argument("--ops", choices=["all", "conv"], default="all",
+                   help="what to quantise: every operator ONNX Runtime can (default), or only convolutions (fewer "
+                        "quantise/dequantise pairs: faster for stock nnU-Net in OpenVINO, slower for DLKUNet)")
     p.add_argument("--disable_tta", action="store_true", help="validate without mirroring (faster)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime's threads (default: NNUNET_LK_THREADS, else the cores idle now)")
