@@ -7,8 +7,8 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_lk.errors import NetworkConfigError
-from nnunet_lk.training.recipes import (NNUNET, RecipeLRScheduler, has_paper_recipe, learning_rate, make_optimizer,
-                                        paper_recipe)
+from nnunet_lk.training.recipes import (NNUNET, RecipeLRScheduler, default_recipe, has_paper_recipe, learning_rate,
+                                        make_optimizer, paper_recipe, resolve_recipe, saved_recipe)
 
 
 def test_nnunet_recipe_is_nnunets_poly_schedule():
@@ -84,3 +84,20 @@ def test_scheduler_sets_the_rate_from_the_epoch_alone():
         scheduler.step(epoch)
         assert opt.param_groups[0]["lr"] == learning_rate(recipe, epoch, 50)
     assert math.isclose(learning_rate(recipe, 0, 50), 1e-3)
+
+
+def test_default_recipe_is_the_papers_where_published_and_resolution_checks_it():
+    assert [default_recipe(b, 2) for b in ("dlkunet_s", "dlkunet_m", "dlkunet_l", "lgmsnet", "lmnet", "mslkseg")] == \
+        ["paper"] * 5 + ["nnunet"]
+    assert default_recipe("lgmsnet", 3) == "paper" and default_recipe("mslkseg", 3) == "nnunet"
+    assert resolve_recipe("lmnet", 2, None) == "paper" and resolve_recipe("lmnet", 2, "nnunet") == "nnunet"
+    assert resolve_recipe("mslkseg", 2, None) == "nnunet"
+    with pytest.raises(NetworkConfigError, match="no paper recipe"):
+        resolve_recipe("mslkseg", 2, "paper")
+    with pytest.raises(NetworkConfigError, match="choose one of paper, nnunet"):
+        resolve_recipe("lmnet", 2, "adam")
+
+
+def test_saved_recipe_reads_checkpoints_from_before_the_default_changed():
+    assert saved_recipe({"recipe": "paper"}) == "paper" and saved_recipe({"recipe": "nnunet"}) == "nnunet"
+    assert saved_recipe({"recipe": None}) == "nnunet" and saved_recipe({"num_epochs": 5}) == "nnunet"

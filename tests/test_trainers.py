@@ -12,7 +12,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_lk import settings
 from nnunet_lk.networks import NetworkConfigError
 from nnunet_lk.training import run_settings, trainers as lk_trainers
-from nnunet_lk.training.trainers import all_trainers, nnUNetTrainerDLKUNetM, nnUNetTrainerDLKUNetS_PhaseLoss
+from nnunet_lk.training.trainers import (all_trainers, nnUNetTrainerDLKUNetM, nnUNetTrainerDLKUNetS,
+                                         nnUNetTrainerDLKUNetS_PhaseLoss)
 
 
 def test_every_trainer_is_thin_and_named_uniquely():
@@ -461,15 +462,68 @@ def test_checkpoint_keys_are_nnunets_own_plus_ours(hippocampus_plans, hippocampu
 def test_recipe_variants_combine_with_every_loss_variant_and_skip_backbones_without_one():
     trainers = all_trainers()
     for plain in lk_trainers.plain_trainers().values():
-        for loss in ("", "_PhaseLoss", "_ConstLoss"):
-            name = f"{plain.__name__}_PaperRecipe{loss}"
-            if plain.backbone == "mslkseg":  # no recipe published: none invented
-                assert name not in trainers
-            else:
-                assert trainers[name].recipe == "paper" and issubclass(trainers[name], plain)
-                assert trainers[name].loss_schedule == {"": "sigmoid", "_PhaseLoss": "phase",
-                                                        "_ConstLoss": "constant"}[loss]
-    assert nnUNetTrainerDLKUNetM.recipe is None  # the plain trainers keep nnU-Net's recipe
+        assert plain.recipe is None  # the backbone's default
+        for suffix, recipe in (("_PaperRecipe", "paper"), ("_nnUNetRecipe", "nnunet")):
+            for loss in ("", "_PhaseLoss", "_ConstLoss"):
+                name = f"{plain.__name__}{suffix}{loss}"
+                if plain.backbone == "mslkseg":  # no recipe published: none invented, the plain one is nnU-Net's
+                    assert name not in trainers
+                else:
+                    assert trainers[name].recipe == recipe and issubclass(trainers[name], plain)
+                    assert trainers[name].loss_schedule == {"": "sigmoid", "_PhaseLoss": "phase",
+                                                            "_ConstLoss": "constant"}[loss]
+
+
+@pytest.mark.parametrize("name, optimizer", [("nnUNetTrainerLGMSNet", torch.optim.SGD),  # paper: SGD 0.02, wd 1e-4
+                                             ("nnUNetTrainerLMNet", torch.optim.AdamW),
+                                             ("nnUNetTrainerDLKUNetS", torch.optim.Adam),
+                                             ("nnUNetTrainerDLKUNetS_nnUNetRecipe", torch.optim.SGD),
+                                             ("nnUNetTrainerMSLKSeg", torch.optim.SGD)])
+def test_plain_trainers_train_with_the_paper_recipe_where_one_is_published(
+        name, optimizer, hippocampus_plans, hippocampus_dataset_json, nnunet_dirs):
+    from nnunet_lk.training.recipes import NNUNET, paper_recipe
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {b: {"width": 8} for b in ("dlkunet_s",)}
+    trainer = _make_trainer(all_trainers()[name], hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+    trainer.initialize()
+    expected = NNUNET if name.endswith("_nnUNetRecipe") or "MSLKSeg" in name else paper_recipe(trainer.backbone, 2)
+    assert type(trainer.optimizer) is optimizer
+    assert (trainer.optimizer.defaults["lr"], trainer.optimizer.defaults["weight_decay"]) == \
+        (expected.lr, expected.weight_decay)
+    assert trainer.recipe_name == ("nnunet" if expected is NNUNET else "paper")
+    assert f"Training recipe ({trainer.recipe_name}): {expected.optimizer}, lr {expected.lr}" in \
+        open(trainer.log_file).read()
+
+
+def test_resume_continues_with_the_recipe_the_checkpoint_was_trained_with(
+        hippocampus_plans, hippocampus_dataset_json, nnunet_dirs, tmp_path):
+    """A plain trainer's checkpoint from before the paper recipe became its default (recipe None: nnU-Net's)
+    continues with nnU-Net's SGD and its momentum; a new run of the same trainer uses the paper's Adam."""
+    hippocampus_plans["configurations"]["2d"]["nnunet_lk"] = {"dlkunet_s": {"width": 8}}
+    old = _make_trainer(all_trainers()["nnUNetTrainerDLKUNetS_nnUNetRecipe"], hippocampus_plans, "2d",
+                        hippocampus_dataset_json, nnunet_dirs)
+    old.initialize()
+    old.network.train()
+    sum(o.float().square().mean() for o in old.network(torch.randn(2, 1, 56, 40))).backward()
+    old.optimizer.step()
+    old.current_epoch = 3
+    old._budget = lambda: {**nnUNetTrainerDLKUNetS._budget(old), "recipe": None}  # as those checkpoints say
+    path = str(tmp_path / "checkpoint_latest.pth")
+    old.save_checkpoint(path)
+
+    resumed = _make_trainer(nnUNetTrainerDLKUNetS, hippocampus_plans, "2d", hippocampus_dataset_json, nnunet_dirs)
+    assert resumed.recipe_name == "paper"
+    resumed.initialize()
+    assert type(resumed.optimizer) is torch.optim.Adam
+    resumed.load_checkpoint(path)  # what --c does
+    assert resumed.recipe_name == "nnunet" and type(resumed.optimizer) is torch.optim.SGD
+    saved, restored = old.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert saved and all(torch.equal(saved[k]["momentum_buffer"], restored[k]["momentum_buffer"]) for k in saved)
+    resumed.current_epoch = 4
+    resumed.on_train_epoch_start()
+    from nnunet_lk.training.recipes import NNUNET, learning_rate
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(NNUNET, 4, resumed.num_epochs))
+    assert "Continuing with the nnunet recipe" in open(resumed.log_file).read()
+    assert resumed._budget()["recipe"] == "nnunet"  # and its next checkpoints say so
 
 
 def test_paper_recipe_trainer_builds_adam_steps_its_rate_and_resumes_the_optimiser(

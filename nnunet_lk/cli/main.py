@@ -28,6 +28,8 @@ def cmd_list(args) -> int:
                                             "options": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in get_backbone(b).config.items()},
                                             "description": get_backbone(b).description,
+                                            "default_recipe": {str(d): _default_recipe(b, d)
+                                                               for d in get_backbone(b).dims},
                                             "trainers": by_backbone.get(b, [])} for b in list_backbones()},
                           "trainers": sorted(trainers)}, indent=2))
         return 0
@@ -36,9 +38,27 @@ def cmd_list(args) -> int:
         spec = get_backbone(b)
         print(f"  {b:12s} {'/'.join(f'{d}D' for d in spec.dims):6s} {spec.description}")
         print(f"      options: {_options_line(b)}")
+        print(f"      recipe of {spec.trainer_name}: {_recipe_line(b)}")
         for t in by_backbone.get(b, []):
             print(f"      {t}")
     return 0
+
+
+def _default_recipe(backbone: str, dim: int) -> str:
+    from ..training.recipes import default_recipe
+    return default_recipe(backbone, dim)
+
+
+def _recipe_line(backbone: str) -> str:
+    """What the plain trainer trains with, per dimension."""
+    spec = get_backbone(backbone)
+    if not spec.paper_recipes:
+        return "nnU-Net's (no paper recipe published)"
+    parts = []
+    for d in spec.dims:
+        r = spec.paper_recipes.get(d)
+        parts.append(f"{d}D paper ({r.optimizer}, lr {r.lr:g}, {r.schedule})" if r else f"{d}D nnU-Net's")
+    return "; ".join(parts) + f"; nnU-Net's with {spec.trainer_name}_nnUNetRecipe"
 
 
 def _options_line(backbone: str) -> str:

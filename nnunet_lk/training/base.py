@@ -32,7 +32,7 @@ from ..errors import NetworkConfigError
 from ..checkpoints import RESUME_ORDER, read_checkpoint
 from .. import settings
 from ..plans import backbone_options, configuration_strides, plans_use, validate_configuration
-from .recipes import RecipeLRScheduler, make_optimizer, paper_recipe
+from .recipes import NNUNET, RecipeLRScheduler, make_optimizer, paper_recipe, resolve_recipe, saved_recipe
 from .run_settings import RunSettingsMixin, apply_thread_budget
 
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
@@ -53,7 +53,8 @@ def _root_cause(error: BaseException) -> BaseException:
 class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
     """Base of every nnunet-lk trainer. Subclasses set ``backbone`` (a registry name) and optionally
     ``loss_schedule`` / ``loss_schedule_params``, and ``recipe`` ("paper": the optimiser and learning-rate
-    schedule of the backbone's paper or official code, ``training/recipes.py``; None: nnU-Net's own)."""
+    schedule of the backbone's paper or official code; "nnunet": nnU-Net's own; None: the backbone's default,
+    its paper recipe where one is published; ``training/recipes.py``)."""
 
     backbone: Optional[str] = None
     loss_schedule: str = "sigmoid"
@@ -74,7 +75,8 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
             raise NetworkConfigError(f"{type(self).__name__} trains {problem} ({configuration!r}): "
                                      f"{spec.dimension_fix()}.")
         self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
-        self._recipe = paper_recipe(self.backbone, dim) if self.recipe == "paper" else None  # fails now if none
+        self.recipe_name = resolve_recipe(self.backbone, dim, self.recipe)  # fails now if there is none
+        self._recipe = paper_recipe(self.backbone, dim) if self.recipe_name == "paper" else None
         self.apply_run_settings()
 
     def _do_i_compile(self) -> bool:
@@ -147,9 +149,11 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
 
     def configure_optimizers(self):
         if self._recipe is None:
+            self.print_to_log_file(f"Training recipe (nnunet): {NNUNET.optimizer}, lr {NNUNET.lr}, weight decay "
+                                   f"{NNUNET.weight_decay}, {NNUNET.schedule} schedule ({NNUNET.source})")
             return super().configure_optimizers()
         optimizer = make_optimizer(self._recipe, self.network.parameters())
-        self.print_to_log_file(f"Training recipe ({self.recipe}): {self._recipe.optimizer}, lr {self._recipe.lr}, "
+        self.print_to_log_file(f"Training recipe (paper): {self._recipe.optimizer}, lr {self._recipe.lr}, "
                                f"weight decay {self._recipe.weight_decay}, {self._recipe.schedule} schedule "
                                f"({self._recipe.source})")
         return optimizer, RecipeLRScheduler(optimizer, self._recipe, lambda: self.num_epochs)
@@ -248,7 +252,7 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
     # ---- checkpoints -----------------------------------------------------------------------------
     def _budget(self) -> dict:
         return {a: int(getattr(self, a)) for a in settings.BUDGET} | {"loss_schedule": self.loss_schedule,
-                                                                 "backbone": self.backbone, "recipe": self.recipe}
+                                                                 "backbone": self.backbone, "recipe": self.recipe_name}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -274,6 +278,21 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)
 
+    def _continue_recipe(self, saved: str) -> None:
+        """``--c`` continues a checkpoint with the recipe it was trained with: a plain trainer's folder from before
+        the plain trainers defaulted to the paper recipe keeps nnU-Net's."""
+        if saved == self.recipe_name:
+            return
+        self.print_to_log_file(f"Note: this checkpoint was trained with the {saved} recipe; {type(self).__name__} "
+                               f"trains with the {self.recipe_name} recipe (the plain trainers default to the paper "
+                               f"recipe; checkpoints of theirs from before used nnU-Net's). Continuing with the {saved} "
+                               f"recipe, as the run was started; a new run uses the {self.recipe_name} recipe.")
+        self.recipe_name = saved
+        self._recipe = paper_recipe(self.backbone, len(self.configuration_manager.patch_size)) \
+            if saved == "paper" else None
+        if self.was_initialized:  # the optimiser the checkpoint's state belongs to
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, str):
             checkpoint = read_checkpoint(filename_or_checkpoint)
@@ -285,5 +304,7 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
                     self.print_to_log_file(f"Note: {settings.BUDGET[attribute]} sets {attribute}={getattr(self, attribute)}"
                                            f" but the checkpoint was trained with {saved[attribute]}; the loss "
                                            f"schedule follows the new value.")
+            if saved:  # every nnunet-lk checkpoint has its record
+                self._continue_recipe(saved_recipe(saved))
         # nnU-Net 2.8.1's load_checkpoint breaks when given a dict, so it reads the file again (resume only).
         super().load_checkpoint(filename_or_checkpoint)

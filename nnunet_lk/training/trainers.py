@@ -1,11 +1,13 @@
 """Every nnunet-lk trainer, generated from the backbone registry: none is written by hand.
 
 - The plain trainer ``nnUNetTrainer<trainer>`` of each registered backbone (``BackboneSpec.trainer``): the
-  sigmoid "dynamic" loss schedule (paper eqs. 12-13) and nnU-Net's recipe.
+  sigmoid "dynamic" loss schedule (paper eqs. 12-13) and the backbone's default recipe: the optimiser and
+  learning-rate schedule of its paper or official code where one is published (``BackboneSpec.paper_recipes``),
+  else nnU-Net's (``recipes.default_recipe``).
 - Loss variants for ablation: ``_PhaseLoss`` (paper eq. 11) and ``_ConstLoss`` (nnU-Net's 1:1).
-- Recipe variant ``_PaperRecipe``: the optimiser and learning-rate schedule of the backbone's paper or official
-  code (``BackboneSpec.paper_recipes``), for the backbones whose sources give one; it combines with each loss
-  variant (``_PaperRecipe_PhaseLoss``).
+- Recipe variants, for the backbones with a paper recipe: ``_PaperRecipe`` and ``_nnUNetRecipe`` name the recipe
+  explicitly (``_nnUNetRecipe`` is what the plain trainers trained with before they defaulted to the paper's);
+  each combines with each loss variant (``_nnUNetRecipe_PhaseLoss``).
 
 nnU-Net finds trainers by name in the modules under nnUNet_extTrainer (``trainers/``, which re-exports these)
 and pickles them by module and name: the classes live in this module's namespace. A backbone registered after
@@ -18,7 +20,7 @@ from ..networks import BackboneSpec, get_backbone, list_backbones
 from .base import nnUNetTrainerLK
 
 LOSS_VARIANTS = {"": {}, "_PhaseLoss": {"loss_schedule": "phase"}, "_ConstLoss": {"loss_schedule": "constant"}}
-RECIPE_VARIANTS = {"": {}, "_PaperRecipe": {"recipe": "paper"}}
+RECIPE_VARIANTS = {"": {}, "_PaperRecipe": {"recipe": "paper"}, "_nnUNetRecipe": {"recipe": "nnunet"}}
 
 
 def _make(name: str, base: type, attributes: dict) -> type:
