@@ -56,7 +56,7 @@ def _recipe_line(backbone: str) -> str:
         return "nnU-Net's (no paper recipe published)"
     parts = []
     for d in spec.dims:
-        r = spec.paper_recipes.get(d)
+        r = spec.paper_recipes[d] if _default_recipe(backbone, d) == "paper" else None
         parts.append(f"{d}D paper ({r.optimizer}, lr {r.lr:g}, {r.schedule})" if r else f"{d}D nnU-Net's")
     return "; ".join(parts) + f"; nnU-Net's with {spec.trainer_name}_nnUNetRecipe"
 

@@ -75,8 +75,7 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
             raise NetworkConfigError(f"{type(self).__name__} trains {problem} ({configuration!r}): "
                                      f"{spec.dimension_fix()}.")
         self._schedule = get_schedule(self.loss_schedule, **self.loss_schedule_params)
-        self.recipe_name = resolve_recipe(self.backbone, dim, self.recipe)  # fails now if there is none
-        self._recipe = paper_recipe(self.backbone, dim) if self.recipe_name == "paper" else None
+        self._use_recipe(resolve_recipe(self.backbone, dim, self.recipe))  # fails now if there is none
         self.apply_run_settings()
 
     def _do_i_compile(self) -> bool:
@@ -278,6 +277,12 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)
 
+    def _use_recipe(self, name: str) -> None:
+        """``name``: "paper" or "nnunet"; ``_recipe`` is None for nnU-Net's (its own configure_optimizers)."""
+        self.recipe_name = name
+        self._recipe = paper_recipe(self.backbone, len(self.configuration_manager.patch_size)) \
+            if name == "paper" else None
+
     def _continue_recipe(self, saved: str) -> None:
         """``--c`` continues a checkpoint with the recipe it was trained with: a plain trainer's folder from before
         the plain trainers defaulted to the paper recipe keeps nnU-Net's."""
@@ -287,9 +292,7 @@ class nnUNetTrainerLK(RunSettingsMixin, nnUNetTrainer):
                                f"trains with the {self.recipe_name} recipe (the plain trainers default to the paper "
                                f"recipe; checkpoints of theirs from before used nnU-Net's). Continuing with the {saved} "
                                f"recipe, as the run was started; a new run uses the {self.recipe_name} recipe.")
-        self.recipe_name = saved
-        self._recipe = paper_recipe(self.backbone, len(self.configuration_manager.patch_size)) \
-            if saved == "paper" else None
+        self._use_recipe(saved)
         if self.was_initialized:  # the optimiser the checkpoint's state belongs to
             self.optimizer, self.lr_scheduler = self.configure_optimizers()
 
