@@ -86,8 +86,7 @@ def run(models, engines, cases_folder: Path, n_cases: int, repeats: int, threads
     peak = sgemm_peak("cpu") * 1e9
     first = predictors[(models[0], engines[0])]
     dataset_json = first.dataset_json
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    cases = case_files(cases_folder, dataset_json["file_ending"], n_channels, n_cases)
+    cases = case_files(cases_folder, dataset_json["file_ending"], n_cases)
     macs = {m: _macs(m) for m in models}
     mirrors = {m: (2 ** len(predictors[(m, engines[0])].allowed_mirroring_axes or ()) if mirroring else 1)
                for m in models}

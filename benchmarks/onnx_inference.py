@@ -42,18 +42,16 @@ def _fold(value: str):
     return value if value == "all" else int(value)
 
 
-def case_files(folder: Path, file_ending: str, n_channels: int, limit: int):
-    """Case id -> channel files, named as nnUNetv2_predict expects (CASE_0000.nii.gz ...)."""
-    cases = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.endswith(f"_0000{file_ending}"):
-            case = p.name[:-len(f"_0000{file_ending}")]
-            files = [folder / f"{case}_{c:04d}{file_ending}" for c in range(n_channels)]
-            if all(f.is_file() for f in files):
-                cases[case] = [str(f) for f in files]
-    if not cases:
+def case_files(folder: Path, file_ending: str, limit: int):
+    """Case id -> channel files, listed as nnUNetv2_predict lists them: every CASE_XXXX<ending> of the case (one
+    RGB PNG is one file holding three channels)."""
+    from nnunetv2.utilities.utils import (create_lists_from_splitted_dataset_folder,
+                                          get_identifiers_from_splitted_dataset_folder)
+    ids = sorted(get_identifiers_from_splitted_dataset_folder(str(folder), file_ending))[:limit]
+    if not ids:
         raise SystemExit(f"no cases named CASE_0000{file_ending} in {folder}")
-    return dict(list(cases.items())[:limit])
+    files = create_lists_from_splitted_dataset_folder(str(folder), file_ending, ids, num_processes=1)
+    return {case: list(f) for case, f in zip(ids, files)}
 
 
 def _predictor(model_folder: str, fold, checkpoint: str, mirroring: bool):
@@ -126,8 +124,7 @@ def main(argv=None) -> int:
         engines["stock_onnxruntime"] = onnx_engine(args.stock, stock_fold, exported(args.stock, stock_fold))
 
     dataset_json = engines["pytorch"].dataset_json
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-    cases = case_files(Path(args.input), dataset_json["file_ending"], n_channels, args.cases)
+    cases = case_files(Path(args.input), dataset_json["file_ending"], args.cases)
     per_case = {}
     for case, files in cases.items():
         data = {name: preprocess_case(p, files) for name, p in engines.items()}

@@ -36,9 +36,10 @@ def test_ablate_run_five_folds_find_best_and_ensemble(small_hippocampus):
     root, env = small_hippocampus
     env = {**env, "nnUNet_n_proc_DA": "1", settings.VAL_MIRRORING: "0"}
     out = root / "ablation"
+    # two 1-thread trainings at a time (the local executor): most of each is process start-up, which one core does
     cmd = ["nnunet-lk", "ablate", "-d", "4", "-c", "2d", "-p", "nnUNetPlans_cpu", "--run", "--trainers", *TRAINERS,
            "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--latency-repeats", "1",
-           "-o", out]
+           "--executor", "local", "--jobs", "2", "--threads-per-job", "1", "-o", out]
     first = run(cmd, env, timeout=3000)
     results = root / "results" / "Dataset004_Hippocampus"
     for t in TRAINERS:
@@ -73,7 +74,7 @@ def test_ablate_run_five_folds_find_best_and_ensemble(small_hippocampus):
     # a second --run trains only what is missing: with --repeats 2 on fold 0, repeat 1 of each trainer (seed 7 + 1,
     # in its own results folder); nothing of repeat 0 is touched
     stamps = {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")}
-    env = {**env, settings.THREADS: "1"}  # reproducible with a fixed thread count (README)
+    env = {**env, settings.THREADS: "1"}  # reproducible with a fixed thread count (README), as --threads-per-job 1 sets
     second = run(cmd + ["--no-find-best", "--folds", "0", "--repeats", "2", "--seed", "7"], env, timeout=1200)
     assert {p: p.stat().st_mtime for p in results.rglob("checkpoint_final.pth")} == stamps
     repeat_1 = root / "results" / "nnunet_lk_repeats" / "repeat_1" / "Dataset004_Hippocampus"
