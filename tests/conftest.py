@@ -40,14 +40,21 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+# The longest test files (minutes each), run first: with `-n 2 --dist loadfile` one worker takes the longest file
+# while the other works through the rest, instead of the longest starting last.
+LONGEST_FIRST = ("test_e2e_realdata.py", "test_e2e_ablate.py", "test_ablate_executors.py")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Every `full` test is also `slow`, so the quick check (`-m "not slow"`) never runs a heavy one. Runs
     before pytest's own -m selection (tryfirst). `full` tests are left out by the default `-m "not full"`
-    (setup.cfg) and chosen with `-m full`."""
+    (setup.cfg) and chosen with `-m full`. The longest files go first (a stable sort keeps each file's order)."""
     for item in items:
         if "full" in item.keywords and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 @pytest.fixture(scope="session")
