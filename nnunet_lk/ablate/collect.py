@@ -13,6 +13,7 @@ import numpy as np
 
 from ..nnunet_io import dataset_name, resolve_trainer
 from ..errors import UsageError
+from .merge import EarlierReport, check_compatible, merge_into
 from .metrics import fold_case_metrics
 from .results import (ALL_FOLDS, FoldRun, checkpoint_curves, default_baseline, discover_trainers, label_names,
                       model_folder, parse_training_logs, recorded_seed, repeat_root)
@@ -67,11 +68,19 @@ def network_figures(trainer: str, model_dir: Path, configuration: str, latency_r
 
 def collect(results_root, preprocessed_root, dataset: str, configuration: str, plans: str = "nnUNetPlans",
             trainers: Optional[Sequence[str]] = None, folds: Sequence[int] = ALL_FOLDS, baseline: Optional[str] = None,
-            nsd_tolerance: float = 1.0, latency_repeats: int = 5, repeats: int = 1, log=print) -> Ablation:
+            nsd_tolerance: float = 1.0, latency_repeats: int = 5, repeats: int = 1,
+            earlier: Optional[EarlierReport] = None, log=print) -> Ablation:
     """Every trainer's validated folds, of each of ``repeats`` trainings (repeat k > 0 under
-    ``repeat_root(results_root, k)``), read into one Ablation and summarised."""
+    ``repeat_root(results_root, k)``), read into one Ablation and summarised; with ``earlier`` (``--merge``), the
+    folds that report holds and this results folder does not are added (``merge.merge_into``)."""
     name = dataset_name(dataset)
-    trainers = list(trainers) if trainers else discover_trainers(results_root, name, plans, configuration)
+    if earlier is not None:
+        check_compatible(earlier, name, configuration, plans, nsd_tolerance)
+    if not trainers:
+        trainers = discover_trainers(results_root, name, plans, configuration)
+        if earlier is not None:
+            trainers += [t for t in earlier.record.get("trainers", {}) if t not in trainers]
+    trainers = list(trainers)
     if not trainers:
         raise UsageError(f"no results for {name} {configuration} (plans {plans}) under {results_root}: train first "
                          f"(nnUNetv2_train, or nnunet-lk ablate --run)")
@@ -102,6 +111,8 @@ def collect(results_root, preprocessed_root, dataset: str, configuration: str, p
             except Exception as e:  # a trainer whose class is gone can still be reported by its metrics
                 abl.notes.append(f"{trainer}: params/MACs/latency not measured ({type(e).__name__}: {e})")
         abl.trainers[trainer] = info
+    if earlier is not None:
+        merge_into(abl, earlier, folds, log=log)
     summarize(abl)
     return abl
 

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UsageError
 from ..process_group import Stopped, sigterm_exits
@@ -61,9 +61,9 @@ class RunOutcome:
 def run_pairs(dataset: str, configuration: str, plans: str, trainers: Sequence[str], folds: Sequence[int], *,
               device: str, epochs: Optional[int], iterations: Optional[int], val_iterations: Optional[int],
               results_root, output, options: RunOptions, repeats: int = 1, seed: Optional[int] = None, log=print,
-              out=print) -> RunOutcome:
+              out=print, done_elsewhere: Collection[Tuple[str, int, int]] = ()) -> RunOutcome:
     """Train, resume or validate the missing (trainer, fold, repeat) jobs with ``options.executor``; progress goes
-    to ``log``, job ids and --dry-run's listing to ``out``."""
+    to ``log``, job ids and --dry-run's listing to ``out``. ``done_elsewhere``: jobs an earlier report holds."""
     if options.executor not in EXECUTORS:
         raise UsageError(f"--executor {options.executor!r}: choose one of {', '.join(EXECUTORS)}")
     cpus = options.slurm.get("cpus_per_task") if options.executor == "slurm" else None
@@ -72,7 +72,7 @@ def run_pairs(dataset: str, configuration: str, plans: str, trainers: Sequence[s
     def planner() -> List[TrainJob]:
         return plan_runs(dataset, configuration, plans, trainers, folds, device=device, results_root=results_root,
                          epochs=epochs, iterations=iterations, val_iterations=val_iterations, repeats=repeats,
-                         seed=seed, extra_env=extra)
+                         seed=seed, extra_env=extra, done_elsewhere=done_elsewhere)
     if options.dry_run:
         print_dry_run(planner(), options, output, device, out, scope=(str(dataset), plans, configuration))
         return RunOutcome(dry_run=True)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Collection, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .. import settings
 from ..errors import TrainingFailed, UsageError  # noqa: F401  (TrainingFailed: public here too)
@@ -110,10 +110,11 @@ def thread_env(threads: int, environ: Optional[Dict[str, str]] = None) -> Dict[s
 def plan_runs(dataset: str, configuration: str, plans: str, trainers: Sequence[str], folds: Sequence[int], *,
               device: str, results_root, epochs: Optional[int] = None, iterations: Optional[int] = None,
               val_iterations: Optional[int] = None, repeats: int = 1, seed: Optional[int] = None,
-              extra_env: Optional[Dict[str, str]] = None) -> List[TrainJob]:
+              extra_env: Optional[Dict[str, str]] = None,
+              done_elsewhere: Collection[Tuple[str, int, int]] = ()) -> List[TrainJob]:
     """A job for every (trainer, fold, repeat) that is not yet trained and validated, carrying what it needs:
     skip nothing else, validate only, resume, or train; its budget, its seed (``repeat_seeds``) and, for a repeat,
-    its own nnU-Net results folder."""
+    its own nnU-Net results folder. ``done_elsewhere``: (trainer, fold, repeat) an earlier report holds (--merge)."""
     name = dataset_name(dataset)
     common = {**passed_env(), **settings.budget_env(epochs, iterations, val_iterations), **(extra_env or {}),
               "PYTHONUNBUFFERED": "1"}
@@ -123,6 +124,8 @@ def plan_runs(dataset: str, configuration: str, plans: str, trainers: Sequence[s
         env = {**common, **settings.seed_env(repeat_seed), **({"nnUNet_results": str(root)} if repeat else {})}
         for t in trainers:
             for f in folds:
+                if (t, int(f), repeat) in done_elsewhere:
+                    continue
                 run = FoldRun(t, f, model_folder(root, name, t, plans, configuration) / f"fold_{f}")
                 action = fold_action(run)
                 if action is not None:

@@ -23,14 +23,17 @@ def cmd_ablate(args) -> int:
     folds = list(args.folds)
     failed = []
     trainers = args.trainers
+    earlier = ab.read_report(args.merge) if args.merge else None
     if args.run:
         trainers = trainers or ab.default_run_trainers()
+        elsewhere = earlier.keys(trainers, folds, args.repeats) if earlier is not None else set()
         if args.epochs is None and args.iterations is None:
             _log("warning: --run without --epochs/--iterations trains nnU-Net's full budget (1000 x 250)")
         outcome = ab.run_pairs(args.dataset, args.configuration, args.plans, trainers, folds, device=_device(args),
                                epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                                results_root=nnUNet_results, output=args.output, options=options,
-                               repeats=args.repeats, seed=_seed(args), log=_log, out=print)
+                               repeats=args.repeats, seed=_seed(args), log=_log, out=print,
+                               done_elsewhere=elsewhere)
         if outcome.dry_run:
             return 0
         if outcome.waiting:
@@ -40,7 +43,7 @@ def cmd_ablate(args) -> int:
         failed = outcome.failed
     abl = ab.collect(nnUNet_results, nnUNet_preprocessed, args.dataset, args.configuration, args.plans,
                      trainers=trainers, folds=folds, baseline=args.baseline, nsd_tolerance=args.nsd_tolerance,
-                     latency_repeats=args.latency_repeats, repeats=args.repeats, log=_log)
+                     latency_repeats=args.latency_repeats, repeats=args.repeats, earlier=earlier, log=_log)
     if not args.no_find_best and sorted(folds) == list(ab.ALL_FOLDS):
         ours = [t for t in abl.trainers if t not in ab.STOCK_TRAINERS or t == abl.baseline]
         abl.find_best = ab.find_best_configuration(args.dataset, args.configuration, args.plans, ours,
@@ -127,6 +130,10 @@ def register(subparsers) -> None:
                    help="normalised surface Dice tolerance in physical units, e.g. mm (default 1.0)")
     p.add_argument("--latency-repeats", type=int, default=5, help="timed forward passes per network (0 = skip)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--merge", metavar="REPORT_DIR",
+                   help="add the (trainer, fold, repeat) results an earlier report (an -o folder: ablate_results.json "
+                        "and ablate_cases.csv) holds and nnUNet_results does not, e.g. trained on another machine; "
+                        "--run then trains only what neither holds. It may be the -o folder itself")
     p.add_argument("--no-find-best", action="store_true", help="do not run nnUNetv2_find_best_configuration")
     p.add_argument("--run", action="store_true", help="train/resume/validate missing (trainer, fold) pairs first "
                                                       "with nnUNetv2_train (see --executor)")
