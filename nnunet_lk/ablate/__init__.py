@@ -15,7 +15,7 @@ from ..nnunet_io import STOCK_BUDGET_TRAINER, STOCK_TRAINER, STOCK_TRAINERS
 from .collect import Ablation, collect, network_figures, summarize
 from .executors import EXECUTORS, RunOptions, RunOutcome, run_pairs
 from .jobs import TrainFold, TrainJob, fold_action, plan_runs, train_command
-from .merge import EarlierReport, merge_into, read_report
+from .merge import EarlierReport, check_compatible, merge_into, read_report
 from .metrics import fold_case_metrics, surface_metrics
 from .report import markdown_report, write_csvs, write_outputs, write_plots
 from .results import (ALL_FOLDS, FoldRun, checkpoint_curves, default_baseline, discover_trainers, label_names,
@@ -25,7 +25,7 @@ from .statistics import case_means, paired_wilcoxon
 
 __all__ = ["ALL_FOLDS", "Ablation", "EXECUTORS", "FoldRun", "RunOptions", "RunOutcome", "STOCK_BUDGET_TRAINER",
            "STOCK_TRAINER", "STOCK_TRAINERS", "TrainFold", "TrainJob", "fold_action", "run_pairs",
-           "EarlierReport", "case_means", "check_trainers_findable", "merge_into", "read_report", "checkpoint_curves", "collect", "default_baseline",
+           "EarlierReport", "case_means", "check_compatible", "check_trainers_findable", "merge_into", "read_report", "checkpoint_curves", "collect", "default_baseline",
            "default_run_trainers", "discover_trainers", "find_best_configuration", "fold_case_metrics", "label_names",
            "markdown_report", "model_folder", "network_figures", "paired_wilcoxon", "parse_training_logs",
            "plan_runs", "read_validation_summary", "summarize", "surface_metrics", "train_command",

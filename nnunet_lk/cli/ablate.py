@@ -24,6 +24,9 @@ def cmd_ablate(args) -> int:
     failed = []
     trainers = args.trainers
     earlier = ab.read_report(args.merge) if args.merge else None
+    if earlier is not None:  # before --run: a report of another protocol must not decide what is trained
+        from ..nnunet_io import dataset_name
+        ab.check_compatible(earlier, dataset_name(args.dataset), args.configuration, args.plans, args.nsd_tolerance)
     if args.run:
         trainers = trainers or ab.default_run_trainers()
         elsewhere = earlier.keys(trainers, folds, args.repeats) if earlier is not None else set()
