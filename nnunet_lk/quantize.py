@@ -12,7 +12,11 @@ drops by at most ``max_drop`` against the fp32 model.
   float normalisations), and DLKUNet-M's 40 % slower (its elementwise gates then run between float and int8):
   time the fold's model.int8.onnx with ``benchmarks/engines.py`` to choose.
 - Quantisation: QDQ format, int8 weights per output channel, uint8 activations, min/max calibration (ONNX
-  Runtime's defaults for x86 with VNNI); normalisation and softmax stay in float, and so do the first convolution
+  Runtime's defaults for x86 with VNNI). On an x86 CPU without VNNI (AVX2 or AVX-512 alone) ONNX Runtime's
+  uint8 x int8 kernels add pairs of products in 16 bits, which saturate: there the weights are quantised to 7 bits
+  (``reduce_range``; ``auto``, the default, chooses it from the CPU). A trained LM-Net fold lost 0.059 Dice on
+  an AVX2 CPU without it. The report records the choice; ``predict --int8`` warns when a model made with 8-bit
+  weights runs on a CPU without VNNI. Normalisation and softmax stay in float, and so do the first convolution
   (it sees the intensities) and the last (the logits): on a trained LM-Net fold that halved the Dice lost
   (0.0058 to 0.0031; percentile calibration lost more, 0.0090).
 - Validation: nnU-Net's predictor on the fold's validation cases (raw images of ``nnUNet_raw``), once on the fp32
@@ -42,6 +46,34 @@ DEFAULT_CALIBRATION_PATCHES = 64
 SIDECAR_FORMAT = "nnunet-lk int8 1"
 # what `ops` quantises: None = every operator type ONNX Runtime's QDQ quantiser supports
 QUANTIZED_OPS = {"all": None, "conv": ["Conv"]}
+REDUCE_RANGE_CHOICES = ("auto", "on", "off")
+X86_MACHINES = {"x86_64", "amd64", "i386", "i686", "x86"}
+
+
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this x86 CPU has VNNI (``avx512_vnni`` or ``avx_vnni``): True/False from Linux's cpuinfo flags,
+    None where they cannot be read or the CPU is not x86 (other CPUs' int8 kernels do not saturate this way)."""
+    import platform
+    if platform.machine().lower() not in X86_MACHINES:
+        return None
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
+def resolve_reduce_range(choice: str, vnni: Optional[bool]) -> bool:
+    """``--reduce-range``: ``on``/``off`` as given; ``auto`` = 7-bit weights unless the CPU is known to have VNNI
+    or is not x86 (an x86 CPU whose flags cannot be read is taken to lack it: 7 bits lose little, saturation
+    loses much)."""
+    if choice not in REDUCE_RANGE_CHOICES:
+        raise UsageError(f"--reduce-range {choice!r}: choose one of {', '.join(REDUCE_RANGE_CHOICES)}")
+    if choice != "auto":
+        return choice == "on"
+    import platform
+    return vnni is False or (vnni is None and platform.machine().lower() in X86_MACHINES)
 
 
 def int8_path(results_folder: str, fold) -> str:
@@ -123,9 +155,11 @@ def calibration_patches(data_folder: str, identifiers: Sequence[str], patch_size
 
 
 # ---- quantisation ----------------------------------------------------------------------------------------------
-def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray], ops: str = "all") -> None:
+def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray], ops: str = "all",
+                  reduce_range: bool = False) -> None:
     """ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8 activations, min/max ranges) of the
-    operator types ``ops`` names (:data:`QUANTIZED_OPS`), the first and the last convolution left in float."""
+    operator types ``ops`` names (:data:`QUANTIZED_OPS`), the first and the last convolution left in float;
+    ``reduce_range``: 7-bit weights (for x86 CPUs without VNNI)."""
     if ops not in QUANTIZED_OPS:
         raise UsageError(f"--ops {ops!r}: choose one of {', '.join(QUANTIZED_OPS)}")
     import onnx
@@ -147,7 +181,7 @@ def quantize_onnx(fp32_path: str, output: str, patches: Sequence[np.ndarray], op
     quantize_static(fp32_path, tmp, Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_convs,
-                    op_types_to_quantize=QUANTIZED_OPS[ops])
+                    op_types_to_quantize=QUANTIZED_OPS[ops], reduce_range=reduce_range)
     os.replace(tmp, output)
 
 
@@ -185,7 +219,7 @@ def validation_dice(results_folder: str, fold: int, onnx_path: str, cases: Seque
 def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "checkpoint_final.pth",
                           n_patches: int = DEFAULT_CALIBRATION_PATCHES, max_drop: float = DEFAULT_MAX_DROP,
                           use_mirroring: bool = True, threads: Optional[int] = None, seed: int = 0,
-                          ops: str = "all", log=print) -> dict:
+                          ops: str = "all", reduce_range: str = "auto", log=print) -> dict:
     """``nnunet-lk quantize``: export the fold if needed, quantise it, validate both models, write the report.
     Returns the report; ``report["accepted"]`` says whether ``predict --int8`` may use the model."""
     require_extra("export", "nnunet-lk quantize")
@@ -195,6 +229,8 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
         raise UsageError(f"--calibration-patches {n_patches}: give at least 1")
     if ops not in QUANTIZED_OPS:
         raise UsageError(f"--ops {ops!r}: choose one of {', '.join(QUANTIZED_OPS)}")
+    vnni = cpu_has_vnni()
+    seven_bit = resolve_reduce_range(reduce_range, vnni)
     fold = int(fold)
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from .engines import default_onnx_path
@@ -226,8 +262,10 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
     patch_size = [int(p) for p in loaded.configuration_manager.patch_size]
     patches = calibration_patches(data_folder, split["train"], patch_size, n_patches, seed)
     int8 = int8_path(results_folder, fold)
-    log(f"calibrating on {n_patches} patches {patch_size} of {len(split['train'])} training cases")
-    quantize_onnx(fp32, int8, patches, ops)
+    log(f"calibrating on {n_patches} patches {patch_size} of {len(split['train'])} training cases; "
+        f"{7 if seven_bit else 8}-bit weights (--reduce-range {reduce_range}, CPU VNNI: "
+        f"{'unknown' if vnni is None else 'yes' if vnni else 'no'})")
+    quantize_onnx(fp32, int8, patches, ops, reduce_range=seven_bit)
 
     log(f"validating fp32 and INT8 on the {len(split['val'])} validation cases of fold {fold}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -241,6 +279,7 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
         "checkpoint": _checkpoint_stamp(loaded.checkpoint_path), "fold": fold,
         "quantisation": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 per channel",
                          "activations": "uint8", "calibration": "min/max", "ops": ops,
+                         "reduce_range": seven_bit, "reduce_range_choice": reduce_range, "cpu_vnni": vnni,
                          "float": ("normalisation, softmax, the first and the last convolution"
                                    + ("" if ops == "all" else ", every operator but convolutions"))},
         "calibration": {"patches": n_patches, "patch_size": patch_size, "cases": len(split["train"]), "seed": seed,
@@ -260,9 +299,20 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
     return report
 
 
-def accepted_int8_model(results_folder: str, fold, checkpoint_name: str = "checkpoint_final.pth") -> str:
+def saturation_warning(report: dict, vnni: Optional[bool]) -> Optional[str]:
+    """What to say when a model with 8-bit weights (accepted on a CPU with VNNI) is to run on a CPU without it,
+    where ONNX Runtime's int8 kernels may saturate and the accepted Dice need not hold."""
+    if report.get("quantisation", {}).get("reduce_range", False) or vnni is not False:
+        return None
+    return ("this INT8 model has 8-bit weights and this CPU lacks VNNI: its int8 kernels may saturate, and the "
+            "Dice it was accepted with need not hold here. Run `nnunet-lk quantize` on this machine (it then "
+            "quantises to 7 bits) or predict in fp32")
+
+
+def accepted_int8_model(results_folder: str, fold, checkpoint_name: str = "checkpoint_final.pth",
+                        log=None) -> str:
     """The fold's INT8 model for ``predict --int8``: it must exist, have been accepted, and come from the
-    checkpoint that is there now."""
+    checkpoint that is there now. ``log`` hears :func:`saturation_warning`."""
     if fold == "all":
         raise UsageError("--int8 needs a numbered fold (INT8 models are validated on a fold's validation cases)")
     path = int8_path(results_folder, fold)
@@ -279,4 +329,7 @@ def accepted_int8_model(results_folder: str, fold, checkpoint_name: str = "check
     if not os.path.isfile(checkpoint) or not _same_checkpoint(_checkpoint_stamp(checkpoint), info["checkpoint"]):
         raise UsageError(f"{path} was made from another {checkpoint_name} than the one in fold_{fold} now: "
                          f"delete {os.path.dirname(path)}/model.onnx and run `{make}` again")
+    warning = saturation_warning(info, cpu_has_vnni())
+    if warning and log is not None:
+        log(f"warning: {warning}")
     return path

@@ -4,7 +4,9 @@ Slow (``-m slow``): inductor compiles C++ kernels. One tiny 2D network per backb
 DLKUNet sizes M and L share S's blocks: they run with ``-m full``; so does LM-Net, whose compilation alone takes
 over two minutes on 2 cores, more than CI's budget leaves),
 compiled once in train mode (the forward nnU-Net's trainer compiles; eval mode would be a second
-compilation) and compared with eager (atol 1e-4). A backbone that cannot compile fails with the
+compilation) and compared with eager (atol 5e-4: inductor's vectorised reductions, train-mode batch norm
+above all, sum in another order than eager's, and the order follows the CPU's vector width; an AVX2 CPU
+gave 1.05e-4 on one logit). A backbone that cannot compile fails with the
 compiler's message."""
 import time
 
@@ -45,5 +47,5 @@ def test_backbone_compiles_and_matches_eager(name):
     assert len(out) == len(eager)
     for e, c in zip(eager, out):
         assert e.shape == c.shape
-        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(c, e, atol=5e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     print(f"{name}: compiled and checked in {time.perf_counter() - start:.1f} s")

@@ -12,8 +12,9 @@ import torch
 
 from nnunet_lk.cli.main import main as cli_main
 from nnunet_lk.errors import UsageError
-from nnunet_lk.quantize import (_checkpoint_stamp, _crop, accepted_int8_model, calibration_patches, fold_split,
-                                int8_path, quantize_onnx, report_path)
+from nnunet_lk.quantize import (_checkpoint_stamp, _crop, accepted_int8_model, calibration_patches, cpu_has_vnni,
+                                fold_split, int8_path, quantize_onnx, report_path, resolve_reduce_range,
+                                saturation_warning)
 
 
 def _preprocessed_cases(folder, shapes):
@@ -86,6 +87,49 @@ def test_quantized_model_tracks_fp32_and_stores_int8_weights(tmp_path):
     assert not (tmp_path / "model.int8.onnx.partial").exists()
 
 
+def _int8_weight_range(path) -> tuple:
+    import onnx
+    from onnx import numpy_helper
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+
+
+def test_reduce_range_quantises_weights_to_seven_bits(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from nnunet_lk.export import INPUT_NAME
+    torch.manual_seed(0)
+    fp32 = tmp_path / "model.onnx"
+    torch.onnx.export(_Residual().eval(), (torch.randn(1, 1, 12, 12),), str(fp32), input_names=[INPUT_NAME],
+                      output_names=["logits"], dynamo=False)
+    rng = np.random.default_rng(0)
+    patches = [rng.standard_normal((1, 1, 12, 12)).astype(np.float32) for _ in range(4)]
+    ranges = {}
+    for seven_bit in (False, True):
+        quantize_onnx(str(fp32), str(tmp_path / f"{seven_bit}.onnx"), patches, reduce_range=seven_bit)
+        ranges[seven_bit] = _int8_weight_range(tmp_path / f"{seven_bit}.onnx")
+    assert ranges == {False: (-127, 127), True: (-64, 64)}  # symmetric per-channel weights: 8 bits, then 7
+
+
+def test_vnni_is_read_from_the_cpu_flags_and_auto_reduces_range_without_it(tmp_path, monkeypatch):
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f\n")
+    assert cpu_has_vnni(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info)) is True
+    info.write_text("flags\t\t: fpu avx2 avx_vnni\n")
+    assert cpu_has_vnni(str(info)) is True
+    assert cpu_has_vnni(str(tmp_path / "missing")) is None
+    assert [resolve_reduce_range("auto", v) for v in (False, True, None)] == [True, False, True]
+    assert resolve_reduce_range("on", True) and not resolve_reduce_range("off", False)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu_has_vnni(str(info)) is None and not resolve_reduce_range("auto", None)
+    with pytest.raises(UsageError, match="--reduce-range 'yes': choose one of auto, on, off"):
+        resolve_reduce_range("yes", None)
+
+
 class _Residual(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -146,6 +190,19 @@ def test_predict_int8_runs_only_an_accepted_model_of_the_current_checkpoint(tmp_
         accepted_int8_model(str(folder), 0)
     with pytest.raises(UsageError, match=r"does not exist: make it with `nnunet-lk quantize .* -f 1`"):
         accepted_int8_model(str(folder), 1)
+
+
+def test_an_eight_bit_model_warns_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    import nnunet_lk.quantize as quantize
+    eight, seven = {"quantisation": {"reduce_range": False}}, {"quantisation": {"reduce_range": True}}
+    assert "lacks VNNI" in saturation_warning(eight, False) and "nnunet-lk quantize" in saturation_warning(eight, False)
+    assert saturation_warning(eight, True) is None and saturation_warning(eight, None) is None
+    assert saturation_warning(seven, False) is None
+    folder, _, path = _int8_folder(tmp_path, accepted=True)  # a report from before the choice: 8-bit weights
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    heard = []
+    assert accepted_int8_model(str(folder), 0, log=heard.append) == path
+    assert len(heard) == 1 and heard[0].startswith("warning: this INT8 model has 8-bit weights")
 
 
 def test_int8_flag_needs_an_onnx_engine(tmp_path, capsys):

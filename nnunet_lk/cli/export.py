@@ -56,7 +56,7 @@ def cmd_quantize(args) -> int:
         report = quantize_model_folder(args.results_folder, args.fold, checkpoint_name=args.checkpoint,
                                        n_patches=args.calibration_patches, max_drop=args.max_drop,
                                        use_mirroring=not args.disable_tta, threads=threads, ops=args.ops,
-                                       log=lambda m: print(m, file=sys.stderr))
+                                       reduce_range=args.reduce_range, log=lambda m: print(m, file=sys.stderr))
     except (ExportError, CheckpointError, UsageError) as e:
         print(f"nnunet-lk quantize: error: {e}", file=sys.stderr)
         return 1
@@ -85,7 +85,8 @@ def cmd_predict(args, command: str = "nnunet-lk predict") -> int:
             if args.engine not in ONNX_ENGINES or args.onnx:
                 raise UsageError("--int8 runs the fold's accepted INT8 model (nnunet-lk quantize) on --engine "
                                  "onnxruntime or openvino, without --onnx")
-            onnx_path = accepted_int8_model(args.model_folder, args.fold, args.checkpoint)
+            onnx_path = accepted_int8_model(args.model_folder, args.fold, args.checkpoint,
+                                            log=lambda m: print(m, file=sys.stderr))
         predictor = engine_predictor(args.model_folder, args.fold, args.engine, onnx_path=onnx_path,
                                      checkpoint_name=args.checkpoint, use_mirroring=not args.disable_tta,
                                      tile_step_size=args.step_size, threads=threads, verbose=args.verbose,
@@ -184,6 +185,9 @@ def register(subparsers) -> None:
     p.add_argument("--ops", choices=["all", "conv"], default="all",
                    help="what to quantise: every operator ONNX Runtime can (default), or only convolutions (fewer "
                         "quantise/dequantise pairs: faster for stock nnU-Net in OpenVINO, slower for DLKUNet)")
+    p.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="7-bit weights, against the saturation of int8 kernels on x86 CPUs without VNNI; auto "
+                        "(default): on unless this CPU has VNNI")
     p.add_argument("--disable_tta", action="store_true", help="validate without mirroring (faster)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime's threads (default: NNUNET_LK_THREADS, else the cores idle now)")
