@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Collection, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -147,7 +147,18 @@ def graph_macs(path: str, input_shape: Sequence[int]) -> Dict[str, int]:
     return dict(macs)
 
 
-def ov_class(node_type: str) -> str:
+def ov_class(node_type: str, originals: Sequence[str] = (), kinds: Optional[Dict[str, str]] = None,
+             matmuls: Collection[str] = ()) -> str:
+    """The class of an executed OpenVINO node: by the ONNX nodes it runs (``originals``, its runtime model's
+    originalLayersNames) where one has MACs: a convolution's kind from the ONNX graph (a GroupConvolution with
+    several input channels per group is a ``conv``), a matrix product as ``matmul`` (an attention fused into one
+    Subgraph: MatMul, Softmax, MatMul, Transposes); else by its type."""
+    kinds = kinds or {}
+    conv = next((kinds[o] for o in originals if o in kinds), None)
+    if conv is not None:
+        return conv
+    if any(o in matmuls for o in originals):
+        return "matmul"
     if node_type in ("Convolution", "Deconvolution", "ConvolutionBackpropData"):
         return "conv"
     if node_type == "GroupConvolution":
@@ -156,6 +167,21 @@ def ov_class(node_type: str) -> str:
         if node_type in types:
             return name
     return "elementwise"  # Eltwise, Subgraph (OpenVINO's fused elementwise chains), activations
+
+
+def matmul_nodes(path: str) -> set:
+    import onnx
+    return {n.name for n in onnx.load(path, load_external_data=False).graph.node if n.op_type in ("MatMul", "Gemm")}
+
+
+def ov_originals(compiled) -> Dict[str, List[str]]:
+    """{executed node name: the ONNX node names it runs}, from the compiled model's runtime graph."""
+    originals = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        originals[op.get_friendly_name()] = [n for n in names.split(",") if n]
+    return originals
 
 
 def _shape_list(entries) -> List[List[int]]:
@@ -208,10 +234,12 @@ def profile_openvino(path: str, shape: Sequence[int], threads: int, repeats: int
     def compiled(perf: bool):
         model = core.read_model(path)
         model.reshape({model.input(0).get_any_name(): list(shape)})
-        return core.compile_model(model, "CPU", {**config, "PERF_COUNT": perf}).create_infer_request()
-    plain = compiled(False)
+        return core.compile_model(model, "CPU", {**config, "PERF_COUNT": perf})
+    plain = compiled(False).create_infer_request()
     wall = _wall(lambda: plain.infer({0: x}), repeats, warmup)
-    request = compiled(True)
+    profiled = compiled(True)
+    originals, kinds, matmuls = ov_originals(profiled), conv_kinds(path), matmul_nodes(path)
+    request = profiled.create_infer_request()
     per_run, nodes = [], 0
     for i in range(warmup + repeats):
         request.infer({0: x})
@@ -220,7 +248,8 @@ def profile_openvino(path: str, shape: Sequence[int], threads: int, repeats: int
         times = defaultdict(float)
         executed = [p for p in request.get_profiling_info() if p.status == ov.ProfilingInfo.Status.EXECUTED]
         for p in executed:
-            times[ov_class(p.node_type)] += p.real_time.total_seconds() * 1e3
+            times[ov_class(p.node_type, originals.get(p.node_name, ()), kinds, matmuls)] += \
+                p.real_time.total_seconds() * 1e3
         nodes = len(executed)
         per_run.append(times)
     return _summary(per_run, wall, nodes)

@@ -43,7 +43,7 @@ def _one_torch_thread():
 # The longest test files (minutes each), run first: with `-n 2 --dist loadfile` one worker takes the longest file
 # while the other works through the rest, instead of the longest starting last. xdist keeps this order only
 # with --no-loadscope-reorder (setup.cfg): by default it sorts the files by their number of tests.
-LONGEST_FIRST = ("test_e2e_realdata.py", "test_e2e_ablate.py", "test_ablate_executors.py")
+LONGEST_FIRST = ("test_e2e_realdata.py", "test_e2e_realdata_3d.py", "test_e2e_ablate.py", "test_ablate_executors.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -94,3 +94,44 @@ def test_int8_convolutions_keep_their_class(tiny_onnx, tmp_path):
     assert sorted(engine_profile.conv_kinds(int8).values()) == ["conv", "conv", "depthwise conv"]
     profile = engine_profile.profile_onnxruntime(int8, [1, 2, 24, 20], threads=1, repeats=3, warmup=1)
     assert profile["class_ms"]["depthwise conv"] > 0 and profile["class_ms"]["(de)quantise"] > 0
+
+
+@pytest.mark.parametrize("node_type,originals,expected", [
+    ("GroupConvolution", ["grouped"], "conv"),  # two groups of 4 channels: dense work, not depthwise
+    ("GroupConvolution", ["dw"], "depthwise conv"),
+    ("Subgraph", ["t1", "mm1", "softmax", "mm2", "t2"], "matmul"),  # an attention fused into one subgraph
+    ("Subgraph", ["sub", "mul"], "elementwise"),
+    ("GroupConvolution", [], "depthwise conv"),  # nothing known of its origin: by type
+    ("Reorder", ["mm1"], "matmul"),
+])
+def test_openvino_classes_follow_the_onnx_nodes_a_node_runs(node_type, originals, expected):
+    kinds = {"grouped": "conv", "dw": "depthwise conv"}
+    assert engine_profile.ov_class(node_type, originals, kinds, {"mm1", "mm2"}) == expected
+
+
+class GroupedAttention(nn.Module):
+    """A two-group 3x3 conv and a 4-head self-attention over the pixels (MatMul, Softmax, MatMul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = self.grouped(x)
+        q, k, v = self.qkv(x.flatten(2).transpose(1, 2)).reshape(b, h * w, 3, 4, 2).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.permute(0, 1, 3, 2).reshape(b, c, h, w)
+
+
+def test_openvino_files_grouped_convs_and_attention_under_their_mac_classes(tmp_path):
+    pytest.importorskip("openvino")
+    from nnunet_lk.export import export_network
+    path = str(tmp_path / "grouped_attention.onnx")
+    export_network(GroupedAttention().eval(), path, 8, [1, 1], [16, 16])
+    assert list(engine_profile.conv_kinds(path).values()) == ["conv"]
+    assert engine_profile.matmul_nodes(path)
+    profile = engine_profile.profile_openvino(path, [1, 8, 16, 16], threads=1, repeats=3, warmup=1)
+    classes = profile["class_ms"]
+    assert classes["conv"] > 0 and classes["matmul"] > 0 and classes["depthwise conv"] == 0, classes

@@ -112,10 +112,12 @@ def train_env(root: Path, epochs: int, iterations: int, val_iterations: int = 2,
     # The validation that ends nnUNetv2_train runs without mirroring (the tests evaluate nnUNetv2_predict's
     # output on held-back cases, not that validation): ~18 s a case in 3D here otherwise.
     # Seeded, with one augmentation worker: a given machine and torch train the same net every time, so a
-    # floor failure is a change in behaviour, not an unlucky draw.
+    # floor failure is a change in behaviour, not an unlucky draw. One thread: the other pytest-xdist worker keeps
+    # the second core busy, and a thread on a busy core stalls every parallel op (a 3D epoch took 110-166 s at
+    # two threads while the other worker ran, 46 s once it was done).
     return nnunet_env(root, nnUNet_n_proc_DA=1, **{settings.EPOCHS: epochs, settings.ITERATIONS: iterations,
                                                    settings.VAL_ITERATIONS: val_iterations, settings.VAL_MIRRORING: 0,
-                                                   settings.SEED: 0},
+                                                   settings.SEED: 0, settings.THREADS: 1},
                       **extra)
 
 
@@ -173,3 +175,25 @@ def interrupt_after_first_output(cmd, env, out: Path, pattern: str = "*.nii.gz",
         proc.wait()
     return {"returncode": returncode, "seconds": seconds, "left": left, "stderr": stderr,
             "finished_before_interrupt": finished_first, "outputs": sorted(p.name for p in out.glob(pattern))}
+
+
+def assert_predictor_uses_fused_kernels(model: Path, cases: Path, env: dict) -> None:
+    """nnUNetv2_predict's own predictor (built statically, strict load, .eval()): every re-parameterisable
+    block must run on its single fused kernel, and the state dict must be the checkpoint's."""
+    code = (
+        "import sys, torch\n"
+        "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+        "from nnunet_lk.blocks.reparam import ReparamDepthwise\n"
+        "p = nnUNetPredictor(device=torch.device('cpu'), use_mirroring=False, verbose=False)\n"
+        "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,), checkpoint_name='checkpoint_final.pth')\n"
+        "blocks = [m for m in p.network.modules() if isinstance(m, ReparamDepthwise)]\n"
+        "import glob, os\n"
+        "case = sorted(glob.glob(os.path.join(sys.argv[2], '*_0000.*')))[0]\n"
+        "import tempfile\n"
+        "p.predict_from_files_sequential([[case]], tempfile.mkdtemp(), False, True, None)\n"
+        "ck = torch.load(os.path.join(sys.argv[1], 'fold_0', 'checkpoint_final.pth'), weights_only=False)\n"
+        "assert set(p.network.state_dict()) == set(ck['network_weights'])\n"
+        "print('REPARAM', len(blocks), sum(b.is_fused for b in blocks))\n")
+    proc = run([sys.executable, "-c", code, model, cases], env)
+    n_blocks, n_fused = map(int, re.search(r"REPARAM (\d+) (\d+)", proc.stdout).groups())
+    assert n_blocks > 0 and n_fused == n_blocks
