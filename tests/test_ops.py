@@ -4,8 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunet_lk.blocks.ops import (AxiswiseGroupNorm, SplitGroupConv, adaptive_avg_pool, with_axiswise_norms,
-                                  with_split_group_convs)
+from nnunet_lk.blocks.ops import AxiswiseGroupNorm, adaptive_avg_pool, with_axiswise_norms
 
 
 @pytest.mark.parametrize("shape,size", [
@@ -81,25 +80,3 @@ def test_every_per_dimension_question_accepts_conv_subclasses():
     with pytest.raises(ValueError, match="Conv2d or torch.nn.Conv3d"):
         ops.conv_dim(nn.Conv1d)
 
-
-@pytest.mark.parametrize("conv,shape", [
-    (nn.Conv2d(8, 6, 3, padding=1, groups=2), (2, 8, 9, 7)),
-    (nn.Conv2d(8, 12, (3, 1), stride=(2, 1), dilation=(1, 2), groups=4, bias=False), (1, 8, 10, 6)),
-    (nn.Conv3d(6, 6, 3, padding=1, groups=3), (1, 6, 5, 6, 7)),
-])
-def test_split_group_conv_is_the_same_function(conv, shape):
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    split = SplitGroupConv.replacing(conv)
-    assert len(split.convs) == conv.groups and all(c.groups == 1 for c in split.convs)
-    torch.testing.assert_close(split(x), conv(x), atol=1e-6, rtol=1e-5)
-
-
-def test_with_split_group_convs_leaves_dense_and_depthwise_convs():
-    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 3, groups=2), nn.GELU()),
-                        nn.Conv2d(8, 8, 5, groups=8))
-    x = torch.randn(1, 4, 16, 16)
-    expected = net(x)
-    with_split_group_convs(net)
-    assert [type(m).__name__ for m in (net[0], net[1][0], net[2])] == ["Conv2d", "SplitGroupConv", "Conv2d"]
-    torch.testing.assert_close(net(x), expected, atol=1e-6, rtol=1e-5)
