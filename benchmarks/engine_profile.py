@@ -8,7 +8,10 @@ specialised to that shape. Operators are grouped in classes an engine could or c
 - ``elementwise``, ``normalisation``, ``reduce/softmax``, ``data movement``, ``(de)quantise``: no MACs; their time
   is memory traffic and per-operator overhead.
 ONNX Runtime's profiler gives each node's kernel time; OpenVINO's performance counters give each executed
-(already fused) node's time. Times are medians over interleaved repeats of the per-class sum; "wall" is the whole
+(already fused) node's time, classed by the ONNX nodes it runs (its runtime model's originalLayersNames): a
+grouped convolution with several channels per group is a ``conv``, and an attention OpenVINO fuses into one
+Subgraph (MatMul, Softmax, MatMul) a ``matmul`` (before, both were filed by node type: ``depthwise conv`` and
+``elementwise``, which put LGMSNet's and LM-Net's 3D floors too low). Times are medians over interleaved repeats of the per-class sum; "wall" is the whole
 call, profiling off.
 
     python benchmarks/engine_profile.py --threads 1 --repeats 20 --models \\
