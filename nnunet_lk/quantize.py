@@ -14,8 +14,8 @@ drops by at most ``max_drop`` against the fp32 model.
 - Quantisation: QDQ format, int8 weights per output channel, uint8 activations, min/max calibration (ONNX
   Runtime's defaults for x86 with VNNI). On an x86 CPU without VNNI (AVX2 or AVX-512 alone) ONNX Runtime's
   uint8 x int8 kernels add pairs of products in 16 bits, which saturate: there the weights are quantised to 7 bits
-  (``reduce_range``; ``auto``, the default, chooses it from the CPU). A trained LM-Net fold lost 0.059 Dice on
-  an AVX2 CPU without it. The report records the choice; ``predict --int8`` warns when a model made with 8-bit
+  (``reduce_range``; ``auto``, the default, chooses it from the CPU). A trained LM-Net fold lost 0.082 Dice on
+  an AVX2 CPU with 8-bit weights and 0.0024 with 7-bit ones. The report records the choice; ``predict --int8`` warns when a model made with 8-bit
   weights runs on a CPU without VNNI. Normalisation and softmax stay in float, and so do the first convolution
   (it sees the intensities) and the last (the logits): on a trained LM-Net fold that halved the Dice lost
   (0.0058 to 0.0031; percentile calibration lost more, 0.0090).

@@ -79,4 +79,3 @@ def test_every_per_dimension_question_accepts_conv_subclasses():
         assert ops.linear_interpolation_mode(dim) == ("bilinear" if dim == 2 else "trilinear")
     with pytest.raises(ValueError, match="Conv2d or torch.nn.Conv3d"):
         ops.conv_dim(nn.Conv1d)
-
