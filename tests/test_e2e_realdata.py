@@ -19,7 +19,7 @@ import pytest
 
 from nnunet_lk.losses.schedules import progress, sigmoid_weights
 from tests.helpers.realdata import assert_predictor_uses_fused_kernels, logged_loss_weights, run
-from tests.helpers.trained import Run
+from tests.helpers.trained import Run, assert_beats_the_dice_floor
 
 pytestmark = pytest.mark.slow
 full = pytest.mark.full
@@ -48,11 +48,7 @@ FULL_RUNS = [
 @pytest.mark.parametrize("spec", [pytest.param(r, id=r.id) for r in RUNS]
                          + [pytest.param(r, id=r.id, marks=full) for r in FULL_RUNS])
 def test_trained_fold_beats_the_dice_floor(trained_fold, spec):
-    fold = trained_fold(spec)
-    ending = json.loads((fold.model / "dataset.json").read_text())["file_ending"]
-    predicted = sorted(p.name for p in fold.prediction.glob(f"*{ending}"))
-    assert predicted == sorted(p.name for p in (fold.root / "new_cases_gt").iterdir())
-    assert fold.dice >= spec.floor, f"{spec.id}: foreground Dice {fold.dice:.3f} < floor {spec.floor}"
+    assert_beats_the_dice_floor(trained_fold(spec))
 
 
 def test_killed_training_resumes_with_the_exact_schedule(trained_fold):

@@ -4,12 +4,10 @@ preset). CI trains MS-LKSeg, whose fold nnU-Net's own predictor must run on its 
 every other 3D-capable backbone."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.helpers.realdata import assert_predictor_uses_fused_kernels
-from tests.helpers.trained import Run
+from tests.helpers.trained import Run, assert_beats_the_dice_floor
 
 pytestmark = pytest.mark.slow
 full = pytest.mark.full
@@ -28,11 +26,7 @@ FULL_RUNS = [LGMSNET_3D, DLKUNET_3D, LMNET_3D]
 @pytest.mark.parametrize("spec", [pytest.param(r, id=r.id) for r in RUNS]
                          + [pytest.param(r, id=r.id, marks=full) for r in FULL_RUNS])
 def test_trained_fold_beats_the_dice_floor(trained_fold, spec):
-    fold = trained_fold(spec)
-    ending = json.loads((fold.model / "dataset.json").read_text())["file_ending"]
-    predicted = sorted(p.name for p in fold.prediction.glob(f"*{ending}"))
-    assert predicted == sorted(p.name for p in (fold.root / "new_cases_gt").iterdir())
-    assert fold.dice >= spec.floor, f"{spec.id}: foreground Dice {fold.dice:.3f} < floor {spec.floor}"
+    assert_beats_the_dice_floor(trained_fold(spec))
 
 
 def test_stock_predictor_runs_the_fused_kernels(trained_fold):

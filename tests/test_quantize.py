@@ -97,11 +97,7 @@ def _int8_weight_range(path) -> tuple:
 
 def test_reduce_range_quantises_weights_to_seven_bits(tmp_path):
     pytest.importorskip("onnxruntime")
-    from nnunet_lk.export import INPUT_NAME
-    torch.manual_seed(0)
-    fp32 = tmp_path / "model.onnx"
-    torch.onnx.export(_Residual().eval(), (torch.randn(1, 1, 12, 12),), str(fp32), input_names=[INPUT_NAME],
-                      output_names=["logits"], dynamo=False)
+    fp32 = _residual_onnx(tmp_path)
     rng = np.random.default_rng(0)
     patches = [rng.standard_normal((1, 1, 12, 12)).astype(np.float32) for _ in range(4)]
     ranges = {}
@@ -141,15 +137,21 @@ class _Residual(torch.nn.Module):
         return self.head(torch.relu(self.b(torch.relu(self.a(x))) + x) * torch.sigmoid(x))
 
 
-@pytest.mark.parametrize("ops", ["all", "conv"])
-def test_quantized_operator_types_follow_ops(tmp_path, ops):
-    pytest.importorskip("onnxruntime")
-    import onnx
+def _residual_onnx(tmp_path):
+    """``_Residual`` (seeded weights) exported to tmp_path/model.onnx."""
     from nnunet_lk.export import INPUT_NAME
     torch.manual_seed(0)
     fp32 = tmp_path / "model.onnx"
     torch.onnx.export(_Residual().eval(), (torch.randn(1, 1, 12, 12),), str(fp32), input_names=[INPUT_NAME],
                       output_names=["logits"], dynamo=False)
+    return fp32
+
+
+@pytest.mark.parametrize("ops", ["all", "conv"])
+def test_quantized_operator_types_follow_ops(tmp_path, ops):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    fp32 = _residual_onnx(tmp_path)
     rng = np.random.default_rng(0)
     int8 = tmp_path / "model.int8.onnx"
     quantize_onnx(str(fp32), str(int8), [rng.standard_normal((1, 1, 12, 12)).astype(np.float32) for _ in range(4)],

@@ -208,4 +208,3 @@ def with_axiswise_norms(network: nn.Module) -> nn.Module:
         else:
             with_axiswise_norms(child)
     return network
-

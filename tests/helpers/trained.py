@@ -4,6 +4,7 @@ floor, resume schedule, fused kernels under the stock predictor, ONNX export). T
 out are in tests/conftest.py."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -155,4 +156,13 @@ def _wait_for_epoch(fold: Path, epoch: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"epoch {epoch} did not start within {timeout} s")
 
 
-__all__ = ["FAST_PREDICTION", "Run", "SUBSETS", "Subset", "TrainedFold", "prepare", "train_and_evaluate"]
+def assert_beats_the_dice_floor(fold: TrainedFold) -> None:
+    """Every held-back case predicted, and the foreground Dice at or above the run's calibrated floor."""
+    ending = json.loads((fold.model / "dataset.json").read_text())["file_ending"]
+    predicted = sorted(p.name for p in fold.prediction.glob(f"*{ending}"))
+    assert predicted == sorted(p.name for p in (fold.root / "new_cases_gt").iterdir())
+    assert fold.dice >= fold.run.floor, f"{fold.run.id}: foreground Dice {fold.dice:.3f} < floor {fold.run.floor}"
+
+
+__all__ = ["FAST_PREDICTION", "Run", "SUBSETS", "Subset", "TrainedFold", "assert_beats_the_dice_floor", "prepare",
+           "train_and_evaluate"]
