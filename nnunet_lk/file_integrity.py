@@ -21,7 +21,7 @@ import struct
 import zlib
 from typing import Dict, Optional
 
-from .nonfinite_inputs import cases_in_folder
+from .nnunet_io import cases_in_folder
 
 CHUNK = 1 << 20
 NIFTI_ENDINGS = (".nii", ".nii.gz")

@@ -96,17 +96,6 @@ def checkpoint_trainer_lookup_hint(message: str, frames: dict) -> str | None:
     return f"{PREFIX} {checkpoint_trainer_hint(loading['trainer_name'], path)}"
 
 
-def _channel_indices(folder: str, ending: str) -> dict:
-    """case id -> sorted channel indices, from nnU-Net's CASE_XXXX<ending> file names."""
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
-    cases: dict = {}
-    for name in os.listdir(folder):
-        m = pattern.match(name)
-        if m:
-            cases.setdefault(m.group(1), []).append(int(m.group(2)))
-    return {case: sorted(ch) for case, ch in cases.items()}
-
-
 def channel_hint(frames: dict) -> str | None:
     """The input cases of nnUNetv2_predict do not have the channels the model was trained with."""
     for function in ("predict_from_files", "predict_from_files_sequential"):
@@ -122,7 +111,8 @@ def channel_hint(frames: dict) -> str | None:
     expected = sorted(int(c) for c in dataset_json["channel_names"])
     ending = dataset_json.get("file_ending", "")
     if isinstance(given, str) and os.path.isdir(given):
-        per_case = _channel_indices(given, ending)
+        from .nnunet_io import channel_files
+        per_case = {case: [channel for channel, _ in files] for case, files in channel_files(given, ending).items()}
     elif isinstance(given, list):
         suffix = len("_0000" + ending)  # case id = first file name without _XXXX<ending>
         per_case = {os.path.basename(files[0])[:-suffix]: list(range(len(files))) for files in given if files}

@@ -1,16 +1,16 @@
 """The nnU-Net lookups every command shares, in one place: trainers by name (ours, the stock ones, then
 nnU-Net's own lookup with its search messages kept out of our output), the default trainer of each backbone,
-dataset names and a dataset's plans. Checkpoints: ``checkpoints.py``; a configuration's managers and
+dataset names and a dataset's plans, and the case files of an input folder. Checkpoints: ``checkpoints.py``; a configuration's managers and
 channel counts: ``plans.plans_context``."""
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-
 import json
+import os
+import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .errors import TrainerNotFoundError, UsageError
 
@@ -88,3 +88,19 @@ def load_plans(dataset: str, plans_name: str = "nnUNetPlans"):
             raise UsageError(f"{f} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first "
                              f"(or name existing plans with -p)")
     return json.loads(plans_file.read_text()), json.loads(dataset_file.read_text()), name
+
+
+def channel_files(folder: str, file_ending: str) -> Dict[str, List[Tuple[int, str]]]:
+    """case id -> [(channel index, path)] in channel order, from nnU-Net's CASE_XXXX<file_ending> file names."""
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    cases: Dict[str, List[Tuple[int, str]]] = {}
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        if match:
+            cases.setdefault(match.group(1), []).append((int(match.group(2)), os.path.join(folder, name)))
+    return {case: sorted(files) for case, files in sorted(cases.items())}
+
+
+def cases_in_folder(folder: str, file_ending: str) -> Dict[str, List[str]]:
+    """case id -> its channel files, in channel order, as nnU-Net groups them."""
+    return {case: [path for _, path in files] for case, files in channel_files(folder, file_ending).items()}

@@ -8,23 +8,12 @@ The images are read with the reader the plans name, as nnU-Net's preprocessing r
 from __future__ import annotations
 
 import os
-import re
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from .errors import NonFiniteInputError
-
-
-def cases_in_folder(folder: str, file_ending: str) -> Dict[str, List[str]]:
-    """case id -> its channel files (CASE_XXXX<file_ending>), in channel order, as nnU-Net groups them."""
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
-    cases: Dict[str, List[Tuple[int, str]]] = {}
-    for name in sorted(os.listdir(folder)):
-        match = pattern.match(name)
-        if match:
-            cases.setdefault(match.group(1), []).append((int(match.group(2)), os.path.join(folder, name)))
-    return {case: [path for _, path in sorted(files)] for case, files in sorted(cases.items())}
+from .nnunet_io import cases_in_folder
 
 
 def non_finite_voxels(folder: str, file_ending: str, reader, skip=()) -> Dict[str, List[Tuple[str, int, int]]]:

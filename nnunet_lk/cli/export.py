@@ -115,7 +115,7 @@ def _undamaged_inputs(folder: str, file_ending: str):
     """(what to predict, damaged cases): the folder itself when every case is intact, else the intact cases'
     file lists (nnU-Net names their outputs as it would from the folder)."""
     from ..file_integrity import damaged_cases
-    from ..nonfinite_inputs import cases_in_folder
+    from ..nnunet_io import cases_in_folder
     if not os.path.isdir(folder):
         return folder, {}  # nnU-Net's predictor reports a missing input folder itself
     damaged = damaged_cases(folder, file_ending)
