@@ -1,7 +1,8 @@
-"""LM-Net in ONNX Runtime: its neighbourhood attention exported in the reference form (one gather per window offset
-and axis) and in the gathered form (one gather of all windows on channels-last tokens, what `nnunet-lk export`
-writes in 2D). Per patch, 1 thread, the two sessions and PyTorch eager interleaved; graph nodes and Gathers of each
-export; the roof (the network's MACs at the fp32 sgemm peak measured in the same run).
+"""LM-Net in ONNX Runtime and OpenVINO: its neighbourhood attention exported in the reference form (one gather per
+window offset and axis, a softmax over the stacked logits) and in the sliced form (slices, edge pads and
+elementwise ops on maps the size of q: what `nnunet-lk export` writes in 2D). Per patch, 1 thread, the four compiled
+models and PyTorch eager interleaved; graph nodes and Gathers of each export; the roof (the network's MACs at the
+fp32 sgemm peak measured in the same run).
 
     python benchmarks/neighborhood_export.py --repeats 30
 
@@ -27,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from depthwise_ops import sgemm_peak  # noqa: E402
 
-# (name, plans file, configuration, input channels, classes, patch): the Hippocampus 2d plans nnU-Net writes, and
+# (name, plans file, configuration, input channels, classes, patch): the Hippocampus plans nnU-Net writes, and
 # a larger 2D patch with the same strides
-CASES = [("Hippocampus 2d", REPO / "tests" / "fixtures" / "hippocampus_plans.json", "2d", 1, 3, None),
-         ("256 x 256 patch (those plans' strides)", REPO / "tests" / "fixtures" / "hippocampus_plans.json", "2d", 3, 2,
-          [256, 256])]
+PLANS = REPO / "tests" / "fixtures" / "hippocampus_plans.json"
+CASES = [("Hippocampus 2d", PLANS, "2d", 1, 3, None),
+         ("256 x 256 patch (those plans' strides)", PLANS, "2d", 3, 2, [256, 256])]
+FORMS = ("reference", "sliced")
+ENGINES = ("onnxruntime", "openvino")
 
 
 def build(plans_file: Path, configuration: str, channels: int, classes: int, patch):
@@ -51,31 +54,36 @@ def measure(name, plans_file, configuration, channels, classes, patch, repeats: 
 
     from nnunet_lk.analysis import count_macs
     from nnunet_lk.blocks import lmnet
+    from nnunet_lk.engines import OpenVinoNetwork
     from nnunet_lk.export import export_network, size_multiple
     net, patch = build(plans_file, configuration, channels, classes, patch)
     folder = Path(tempfile.mkdtemp())
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions, graphs = {}, {}
-    for form, gathered in (("reference", False), ("gathered", True)):
-        lmnet.NeighborhoodAttention.export_gathered = gathered
+    models, graphs = {}, {}
+    shape = (1, channels, *patch)
+    for form in FORMS:
+        lmnet.NeighborhoodAttention.export_sliced = form == "sliced"
         path = folder / f"{form}.onnx"
         export_network(net, str(path), channels, size_multiple(net), patch)
         ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
         graphs[form] = {"nodes": sum(ops.values()), "gathers": ops.get("Gather", 0)}
-        sessions[form] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    lmnet.NeighborhoodAttention.export_gathered = True
-    x = np.random.default_rng(0).standard_normal((1, channels, *patch)).astype(np.float32)
+        models[f"{form} onnxruntime"] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        models[f"{form} openvino"] = OpenVinoNetwork(str(path), threads=1, input_shape=shape)
+    lmnet.NeighborhoodAttention.export_sliced = True
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with torch.inference_mode():
         eager_out = net(torch.from_numpy(x)).numpy()
 
-    def run(form):
-        if form == "pytorch":
-            with torch.inference_mode():
+    def run(name):
+        with torch.inference_mode():
+            if name == "pytorch":
                 return net(torch.from_numpy(x)).numpy()
-        s = sessions[form]
-        return s.run(None, {s.get_inputs()[0].name: x})[0]
-    forms = ["pytorch", "reference", "gathered"]
+            model = models[name]
+            if isinstance(model, OpenVinoNetwork):
+                return model(torch.from_numpy(x)).numpy()
+            return model.run(None, {model.get_inputs()[0].name: x})[0]
+    forms = ["pytorch", *models]
     deviation = {f: float(np.abs(run(f) - eager_out).max()) for f in forms[1:]}
     times = {f: [] for f in forms}
     for _ in range(repeats):
@@ -88,21 +96,23 @@ def measure(name, plans_file, configuration, channels, classes, patch, repeats: 
     return {"case": name, "patch": patch, "macs": macs, "roof_ms": 1e3 * 2 * macs / peak,
             "median_ms": {f: 1e3 * v for f, v in median.items()}, "graphs": graphs,
             "max_abs_difference_from_pytorch": deviation,
-            "gathered/reference": median["gathered"] / median["reference"],
-            "gathered/pytorch": median["gathered"] / median["pytorch"]}
+            "sliced/reference": {e: median[f"sliced {e}"] / median[f"reference {e}"] for e in ENGINES}}
 
 
 def markdown(record: dict) -> str:
-    lines = ["# LM-Net's neighbourhood attention in ONNX Runtime: reference vs gathered export", "",
+    lines = ["# LM-Net's neighbourhood attention in ONNX Runtime and OpenVINO: reference vs sliced export", "",
              f"1 thread, per patch (batch 1), {record['repeats']} interleaved repeats, median. fp32 sgemm peak of this "
              f"run: {record['sgemm_gflops']:.0f} GFLOP/s; roof = 2 x MACs / peak. Load: {record['load']}.", "",
-             "| case | patch | nodes (reference / gathered) | Gathers | PyTorch ms | ORT reference ms | ORT gathered ms | "
-             "gathered / reference | roof ms | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | patch | nodes (reference / sliced) | Gathers | PyTorch ms | ORT reference ms | ORT sliced ms | "
+             "OpenVINO reference ms | OpenVINO sliced ms | sliced / reference (ORT, OpenVINO) | roof ms | "
+             "max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["results"]:
-        g, m = r["graphs"], r["median_ms"]
+        g, m, ratio = r["graphs"], r["median_ms"], r["sliced/reference"]
         lines.append(f"| {r['case']} | {' x '.join(map(str, r['patch']))} | {g['reference']['nodes']} / "
-                     f"{g['gathered']['nodes']} | {g['reference']['gathers']} / {g['gathered']['gathers']} | "
-                     f"{m['pytorch']:.1f} | {m['reference']:.1f} | {m['gathered']:.1f} | {r['gathered/reference']:.2f} | "
+                     f"{g['sliced']['nodes']} | {g['reference']['gathers']} / {g['sliced']['gathers']} | "
+                     f"{m['pytorch']:.1f} | {m['reference onnxruntime']:.1f} | {m['sliced onnxruntime']:.1f} | "
+                     f"{m['reference openvino']:.1f} | {m['sliced openvino']:.1f} | "
+                     f"{ratio['onnxruntime']:.2f}, {ratio['openvino']:.2f} | "
                      f"{r['roof_ms']:.2f} | {max(r['max_abs_difference_from_pytorch'].values()):.1e} |")
     return "\n".join(lines) + "\n"
 

@@ -113,6 +113,30 @@ def test_neighbourhood_attention_matches_naive_loop(spatial, kernel, rpb):
     torch.testing.assert_close(na(x), naive_neighbourhood_attention(na, x), rtol=1e-10, atol=1e-10)
 
 
+def test_cpu_inference_on_large_maps_runs_the_sliced_form(monkeypatch):
+    from nnunet_lk.blocks import lmnet
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return sliced(*args)
+    sliced = lmnet.sliced_neighborhood_attention
+    monkeypatch.setattr(lmnet, "sliced_neighborhood_attention", spy)
+    torch.manual_seed(0)
+    na = NeighborhoodAttention(3, 12, heads=3, kernel=3).double().eval()
+    x = torch.randn(1, 3, 4, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        reference = na(x)  # 60 voxels: below the threshold
+    assert not calls
+    monkeypatch.setattr(lmnet, "SLICED_MIN_VOXELS", 60)
+    with torch.no_grad():
+        out = na(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    na(x)  # with gradients: the reference form (training keeps its memory rules)
+    assert len(calls) == 1
+
+
 def test_neighbourhood_attention_border_windows_are_shifted_not_padded():
     """A key only visible from the border window proves the shift: with k=3 on a length-5 axis query 0
     attends to keys {0, 1, 2}, so a huge value at key 2 dominates query 0 (zero padding would not)."""

@@ -1,9 +1,9 @@
-"""blocks.neighborhood: the streaming (memory-lean) and gathered (export) neighbourhood attention against the
-reference form."""
+"""blocks.neighborhood: the streaming (memory-lean) and sliced (export) neighbourhood attention against the reference
+form."""
 import pytest
 import torch
 
-from nnunet_lk.blocks.neighborhood import (gathered_neighborhood_attention, neighborhood_attention,
+from nnunet_lk.blocks.neighborhood import (neighborhood_attention, sliced_neighborhood_attention,
                                            streaming_neighborhood_attention)
 from nnunet_lk.memory.tracker import LiveStorageTracker
 
@@ -21,14 +21,15 @@ def _inputs(shape, kernel, dtype=torch.double, seed=0):
 
 @pytest.mark.parametrize("form,shape,kernel",
                          [("streaming", *c) for c in CASES] +
-                         [("gathered", *c) for c in CASES + [((1, 1, 3, 4, 5, 7), (3, 5, 5))]])
+                         [("sliced", *c) for c in CASES + [((1, 1, 3, 4, 5, 7), (3, 5, 5)),     # head_dim 3
+                                                           ((1, 2, 1, 3, 2, 9), (5, 3, 3))]])  # two short axes
 @pytest.mark.parametrize("bias", [True, False])
-def test_streaming_and_gathered_forms_compute_the_reference_outputs_and_gradients(form, shape, kernel, bias):
+def test_streaming_and_sliced_forms_compute_the_reference_outputs_and_gradients(form, shape, kernel, bias):
     q, k, v, rpb = _inputs(shape, kernel)
     rpb = rpb if bias else None
     inputs = (q, k, v, rpb) if bias else (q, k, v)
     ref = neighborhood_attention(q, k, v, kernel, rpb)
-    attend = streaming_neighborhood_attention if form == "streaming" else gathered_neighborhood_attention
+    attend = streaming_neighborhood_attention if form == "streaming" else sliced_neighborhood_attention
     out = attend(q, k, v, kernel, rpb)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

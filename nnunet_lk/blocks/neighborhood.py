@@ -1,4 +1,4 @@
-"""Neighbourhood attention (natten's semantics) in pure PyTorch, in two forms that compute the same function.
+"""Neighbourhood attention (natten's semantics) in pure PyTorch, in three forms that compute the same function.
 
 Each query attends to exactly k keys per axis; windows shift inwards at the borders (no zero padding); the
 relative-position bias is indexed by key - query + k - 1. [ASSUMED] an axis shorter than its kernel uses the whole
@@ -6,20 +6,22 @@ axis as window (natten refuses it). q (already scaled), k, v: (B, heads, head_di
 
 - ``neighborhood_attention``: softmax over the stacked k^d logits; memory O(k^d · heads · voxels) for the logits and
   weights (autograd keeps them all).
-- ``gathered_neighborhood_attention``: the export form. Every window of every query in one gather of the keys and
-  one of the values, indices built with a few broadcast operations whatever the window: an exported graph holds
-  a handful of nodes instead of one gather per window offset and axis, each a plain elementwise op or a reduction
-  over a leading axis. Memory O(k^d · heads · head_dim · voxels).
+- ``sliced_neighborhood_attention``: the 2D export form, and CPU inference on large maps. A window offset's keys (values) for every query are one
+  slice of the map, edge-replicated to the border (a border query's window is that of its clamped neighbour), and
+  the softmax is spelled out over the offsets' logits (their maximum, then the sums), so no tensor is larger than q:
+  engines run it as slices, pads and elementwise ops on maps the size of q instead of gathers of k^d copies.
 - ``streaming_neighborhood_attention``: the memory-lean form. One pass over the window offsets with a running
   maximum and sum (the online softmax); backward recomputes each offset's weight from the log-sum-exp and scatters
   its gradient back. Memory O(heads · head_dim · voxels): the size of q, k and v, whatever the window.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def _windows(spatial: Sequence[int], kernel: Sequence[int],
@@ -64,60 +66,62 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return out
 
 
-def _window_indices(spatial: Sequence[int], kernel: Sequence[int], bias_shape: Sequence[int],
-                    device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(key, rel), each (k^d, N): the flat key index and the flat relative-bias index of every window offset (last
-    axis fastest) of every flat query position, built with broadcasts (a fixed number of operations)."""
-    key = rel = None
-    for length, kk, bias_len in zip(spatial, kernel, bias_shape):
+def _window_layout(spatial: Sequence[int], kernel: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """Per axis: the number of distinct windows and the edge padding (before, after) that gives every query its
+    window's key. Computed once per call: in an exported graph each is one node, shared by every offset."""
+    layout = []
+    for length, kk in zip(spatial, kernel):
         window = min(kk, length)
-        pos = torch.arange(length, device=device)
-        start = (pos - kk // 2).clamp(0, length - window)
-        offset = torch.arange(window, device=device).unsqueeze(1)
-        key_a, rel_a = start + offset, start + offset - pos + kk - 1   # (window, length)
-        if key is None:
-            key, rel = key_a, rel_a
-        else:  # (K, M) x (w, L) -> (K, w, M, L)
-            key = (key[:, None, :, None] * length + key_a[None, :, None, :]).flatten(2).flatten(0, 1)
-            rel = (rel[:, None, :, None] * bias_len + rel_a[None, :, None, :]).flatten(2).flatten(0, 1)
-    return key, rel
+        before = min(kk // 2, length - 1)  # queries 0..before share the first window
+        layout.append((length - window + 1, before, window - 1 - before))
+    return layout
 
 
-def gathered_neighborhood_attention_planes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                           spatial: Sequence[int], kernel: Sequence[int],
-                                           rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The gathered form on head-dim planes: q (already scaled), k, v (head_dim, B, N, heads) with N = prod(spatial)
-    in row-major order; returns (head_dim, B, N, heads). Each gathered key is a contiguous row of ``heads`` values
-    (ONNX Runtime's Gather spent 3x longer copying one value at a time), and the sums over head_dim run over the
-    first axis: along the last one (head_dim = 1 to 4 values) ONNX Runtime's broadcasts and reductions run an inner
-    loop per handful of values and took up to 7x longer."""
-    d, b, n, heads = q.shape
-    bias_shape = rpb.shape[1:] if rpb is not None else [2 * kk - 1 for kk in kernel]
-    key, rel = _window_indices(spatial, kernel, bias_shape, q.device)
-    windows = key.shape[0]
-    flat_key = key.reshape(-1)
-    keys = k.index_select(2, flat_key).reshape(d, b, windows, n, heads)
-    products = q.unsqueeze(2) * keys
-    # one plane needs no sum (ONNX Runtime's ReduceSum over a length-1 axis took as long as a 9-plane sum)
-    logits = products.squeeze(0) if d == 1 else products.sum(0)  # (B, k^d, N, heads)
-    if rpb is not None:
-        logits = logits + rpb.flatten(1).t().index_select(0, rel.reshape(-1)).reshape(windows, n, heads)
-    # the softmax over the window axis spelled out, normalised after the weighted sum: ONNX Runtime runs a Softmax
-    # on any axis but the last as transposes around a row kernel (rows of k^d values here), 5x slower than these
-    weights = (logits - logits.amax(dim=1, keepdim=True)).exp()
-    values = v.index_select(2, flat_key).reshape(d, b, windows, n, heads)
-    return (weights * values).sum(2) / weights.sum(1)
+def _window_slices(t: torch.Tensor, offset: Sequence[int], layout: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
+    """``t`` (B, C, *spatial) as the keys one window offset picks for every query: the slice of the distinct windows'
+    keys at ``offset``, edge-replicated over the queries that share a border window."""
+    index, pad = [slice(None), slice(None)], []
+    for j, (distinct, before, after) in zip(offset, layout):
+        index.append(slice(j, j + distinct))
+        pad = [before, after] + pad  # F.pad lists the last axis first
+    return F.pad(t[tuple(index)], pad, mode="replicate")
 
 
-def gathered_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
-                                    rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``neighborhood_attention`` (same layout) through the gathered form."""
-    spatial, (b, heads, d) = q.shape[3:], q.shape[:3]
+def sliced_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Sequence[int],
+                                  rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``neighborhood_attention`` (same layout) in the sliced form: per window offset, slices and pads of maps the
+    size of q; the softmax's maximum over the offsets' logits first, then its sums."""
+    b, heads, d = q.shape[:3]
+    spatial = q.shape[3:]
+    layout = _window_layout(spatial, kernel)
+    _, rel_index = _windows(spatial, kernel, q.device)
+    offsets = list(itertools.product(*(range(len(axis)) for axis in rel_index)))
+    flat = d == 1  # one plane: (B, heads, *S) throughout, no reshapes and no sum over head_dim
+    keys, values = (k.flatten(1, 2), v.flatten(1, 2))
+    query = q.flatten(1, 2) if flat else q
 
-    def planes(t):
-        return t.flatten(3).permute(2, 0, 3, 1)  # (d, B, N, heads)
-    out = gathered_neighborhood_attention_planes(planes(q), planes(k), planes(v), spatial, kernel, rpb)
-    return out.permute(1, 3, 0, 2).reshape(b, heads, d, *spatial)
+    def window(t, offset):
+        out = _window_slices(t, offset, layout)
+        return out if flat else out.unflatten(1, (heads, d))
+
+    def logit(offset):
+        value = query * window(keys, offset)
+        value = value if flat else value.sum(2)
+        if rpb is None:
+            return value
+        bias = rpb
+        for axis, j in enumerate(offset):
+            bias = bias.index_select(1 + axis, rel_index[axis][j])
+        return value + bias
+    logits = [logit(o) for o in offsets]  # k^d maps the size of q: what the reference's stack holds too
+    top = functools.reduce(torch.maximum, logits)
+    total = out = 0
+    for offset, value in zip(offsets, logits):
+        weight = (value - top).exp()
+        total = total + weight
+        out = out + (weight if flat else weight.unsqueeze(2)) * window(values, offset)
+    out = out / (total if flat else total.unsqueeze(2))
+    return out.unflatten(1, (heads, d)) if flat else out
 
 
 def _flat_offsets(spatial: Sequence[int], kernel: Sequence[int], bias_shape: Sequence[int], device):
