@@ -1,7 +1,7 @@
 """The nnU-Net lookups every command shares, in one place: trainers by name (ours, the stock ones, then
 nnU-Net's own lookup with its search messages kept out of our output), the default trainer of each backbone,
-dataset names and a dataset's plans, and the case files of an input folder. Checkpoints: ``checkpoints.py``; a configuration's managers and
-channel counts: ``plans.plans_context``."""
+dataset names and a dataset's plans, and the case files of an input folder. Checkpoints: ``checkpoints.py``; a
+configuration's managers and channel counts: ``plans.plans_context``."""
 from __future__ import annotations
 
 import contextlib

@@ -6,10 +6,11 @@ axis as window (natten refuses it). q (already scaled), k, v: (B, heads, head_di
 
 - ``neighborhood_attention``: softmax over the stacked k^d logits; memory O(k^d · heads · voxels) for the logits and
   weights (autograd keeps them all).
-- ``sliced_neighborhood_attention``: the 2D export form, and CPU inference on large maps. A window offset's keys (values) for every query are one
-  slice of the map, edge-replicated to the border (a border query's window is that of its clamped neighbour), and
-  the softmax is spelled out over the offsets' logits (their maximum, then the sums), so no tensor is larger than q:
-  engines run it as slices, pads and elementwise ops on maps the size of q instead of gathers of k^d copies.
+- ``sliced_neighborhood_attention``: the 2D export form, and CPU inference on large maps. A window offset's keys
+  (values) for every query are one slice of the map, edge-replicated to the border (a border query's window is that
+  of its clamped neighbour), and the softmax is spelled out over the offsets' logits (their maximum, then the sums):
+  engines run it as slices, pads and elementwise ops on maps the size of q instead of gathers of k^d copies of the
+  keys and values (the k^d logits are kept, as the reference's stack keeps them).
 - ``streaming_neighborhood_attention``: the memory-lean form. One pass over the window offsets with a running
   maximum and sum (the online softmax); backward recomputes each offset's weight from the log-sum-exp and scatters
   its gradient back. Memory O(heads · head_dim · voxels): the size of q, k and v, whatever the window.
