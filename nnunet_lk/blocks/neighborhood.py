@@ -98,23 +98,20 @@ def sliced_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     _, rel_index = _windows(spatial, kernel, q.device)
     offsets = list(itertools.product(*(range(len(axis)) for axis in rel_index)))
     flat = d == 1  # one plane: (B, heads, *S) throughout, no reshapes and no sum over head_dim
-    keys, values = (k.flatten(1, 2), v.flatten(1, 2))
+    keys, values = k.flatten(1, 2), v.flatten(1, 2)
     query = q.flatten(1, 2) if flat else q
+    biases = _iter_windows(rpb, rel_index, 1) if rpb is not None else itertools.repeat(None)
 
     def window(t, offset):
         out = _window_slices(t, offset, layout)
         return out if flat else out.unflatten(1, (heads, d))
 
-    def logit(offset):
+    def logit(offset, bias):
         value = query * window(keys, offset)
         value = value if flat else value.sum(2)
-        if rpb is None:
-            return value
-        bias = rpb
-        for axis, j in enumerate(offset):
-            bias = bias.index_select(1 + axis, rel_index[axis][j])
-        return value + bias
-    logits = [logit(o) for o in offsets]  # k^d maps the size of q: what the reference's stack holds too
+        return value if bias is None else value + bias
+    # k^d maps the size of q: what the reference's stack holds too
+    logits = [logit(o, bias) for o, bias in zip(offsets, biases)]
     top = functools.reduce(torch.maximum, logits)
     total = out = 0
     for offset, value in zip(offsets, logits):
