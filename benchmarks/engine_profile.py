@@ -283,6 +283,8 @@ def model_files(model: str, fold) -> Dict[str, str]:
 
 def run(models: Sequence[str], engines: Sequence[str], fold, threads: int, repeats: int, log=print) -> dict:
     import torch
+
+    from nnunet_lk.export import patch_model_for
     torch.set_num_threads(threads)
     peak = sgemm_peak("cpu")
     record = {"threads": threads, "repeats": repeats, "sgemm_gflops": peak, "models": {}}
@@ -290,7 +292,8 @@ def run(models: Sequence[str], engines: Sequence[str], fold, threads: int, repea
         files = model_files(model, fold)
         sidecar = json.loads(Path(files["fp32"]).with_suffix(".json").read_text())
         shape = [1, sidecar["num_input_channels"], *sidecar["patch_size"]]
-        entry = record["models"][Path(model).name] = {"input_shape": shape, "engines": {},
+        files["fp32"] = patch_model_for(files["fp32"], shape) or files["fp32"]  # what the engines run per window
+        entry = record["models"][Path(model).name] = {"input_shape": shape, "engines": {}, "fp32_file": files["fp32"],
                                                       "class_macs": graph_macs(files["fp32"], shape)}
         for engine in engines:
             runtime, precision = (engine[:-5], "int8") if engine.endswith("-int8") else (engine, "fp32")

@@ -30,8 +30,9 @@ EXTRA_OF = {"onnxruntime": "export", "openvino": "openvino"}
 class OpenVinoNetwork(nn.Module):
     """Stands in for ``nnUNetPredictor.network`` as ``export.OnnxRuntimeNetwork`` does, with OpenVINO's runtime
     (CPU plugin, fp32 inference precision: no silent bf16 on CPUs that have it). ``input_shape``: the shape the
-    predictor feeds, compiled as a static model (LM-Net 1.7x faster per patch than the dynamic one); any other
-    shape goes to the dynamic model, compiled when first needed."""
+    predictor feeds, compiled as a static model (LM-Net 1.7x faster per patch than the dynamic one), from the
+    export's patch model where the sidecar names one; any other shape goes to the dynamic model, compiled when
+    first needed."""
 
     def __init__(self, onnx_path: str, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None):
         super().__init__()
@@ -42,7 +43,8 @@ class OpenVinoNetwork(nn.Module):
         self.onnx_path = onnx_path
         self.core = ov.Core()
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        model = self.core.read_model(onnx_path)
+        from .export import patch_model_for
+        model = self.core.read_model(patch_model_for(onnx_path, input_shape) or onnx_path)
         if self.input_shape is not None:
             try:
                 model.reshape({model.input(0).get_any_name(): list(self.input_shape)})

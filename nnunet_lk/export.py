@@ -17,6 +17,11 @@ spatial size, like the PyTorch network.
 Check: onnxruntime against PyTorch on random inputs of the plans' patch size and on an odd size that
 needs padding; the largest absolute logit difference is printed and must stay under a tolerance.
 
+The patch model: a network with a static export form (``has_static_form``: LM-Net's 3D attention, whose sliced
+form only exports in useful time at constant sizes) is also exported at the one input shape nnU-Net's sliding window
+feeds (batch 1, the plans' patch), checked the same way and named in the sidecar; the ONNX engines run it for that
+shape and the general model for any other.
+
 Prediction (``nnunet-lk predict-onnx``): ``nnUNetPredictor`` is initialised from the model folder as
 usual and its ``network`` replaced by ``OnnxRuntimeNetwork`` (torch in/out, onnxruntime inside), so
 preprocessing, sliding window, mirroring, resampling and export are nnU-Net's own.
@@ -205,6 +210,49 @@ def export_network(network: nn.Module, path: str, num_input_channels: int, multi
     return dynamic_batch
 
 
+# ---- the patch model: the network at the one shape nnU-Net's sliding window feeds --------------------------
+def has_static_form(network: nn.Module) -> bool:
+    """Whether some module exports a different, faster graph at fixed sizes than at symbolic ones (LM-Net's 3D
+    neighbourhood attention: its sliced form only exports in useful time with every size a constant)."""
+    return any(getattr(m, "static_export_form", False) for m in network.modules())
+
+
+def export_at_shape(network: nn.Module, path: str, input_shape: Sequence[int], opset: Optional[int] = None) -> None:
+    """torch.onnx (dynamo) export of ``network`` (eval mode) at one input shape, every size a constant."""
+    network = with_axiswise_norms(copy.deepcopy(network)) if axiswise_norms(input_shape[2:]) else network
+    kwargs = {"opset_version": opset} if opset else {}
+    tmp = f"{path}.tmp"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(network, (torch.randn(*input_shape),), tmp, dynamo=True, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], external_data=False, verbose=False, **kwargs)
+            os.replace(tmp, path)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed for {type(network).__name__} at input shape "
+                              f"{list(input_shape)}: {type(e).__name__}: {str(e)[:2000]}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def patch_model_path(onnx_path: str) -> str:
+    base = onnx_path[:-5] if onnx_path.endswith(".onnx") else onnx_path
+    return base + ".patch.onnx"
+
+
+def patch_model_for(onnx_path: str, input_shape: Optional[Sequence[int]]) -> Optional[str]:
+    """The patch model the sidecar of ``onnx_path`` names for exactly ``input_shape``, if there is one."""
+    if input_shape is None or not os.path.isfile(sidecar_path(onnx_path)):
+        return None
+    with open(sidecar_path(onnx_path)) as f:
+        entry = json.load(f).get("patch_model")
+    if not entry or [int(v) for v in entry["input_shape"]] != [int(v) for v in input_shape]:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), entry["file"])
+    return path if os.path.isfile(path) else None
+
+
 # ---- onnxruntime -----------------------------------------------------------------------------------------
 def ort_session(path: str, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None):
     """An onnxruntime CPU session; ``input_shape``: the one input shape it will see (its free dimensions fixed)."""
@@ -337,6 +385,19 @@ def export_model_folder(results_folder: str, fold, output: str, checkpoint_name:
     info = sidecar(loaded, multiple, results_folder, fold_name, diffs, tolerance)
     info["dynamic_batch"] = dynamic_batch
     info["check"]["shapes"] = shapes
+    patch_path = patch_model_path(output)
+    if os.path.exists(patch_path):  # a previous export's: only the sidecar written below may name one
+        os.remove(patch_path)
+    if has_static_form(loaded.network):
+        patch_shape = [1, loaded.num_input_channels, *map(int, cm.patch_size)]
+        log(f"exporting the patch model {patch_path}: input {patch_shape}, every size a constant (the engines run "
+            f"it for the windows nnU-Net's sliding window feeds; its graph is faster than the general one's)")
+        export_at_shape(loaded.network, patch_path, patch_shape, opset)
+        (patch_diff,) = max_abs_difference(loaded.network, ort_session(patch_path), [patch_shape])
+        log(f"onnxruntime vs PyTorch, patch model, input {patch_shape}: max abs difference {patch_diff:.3e}")
+        diffs = diffs + [patch_diff]
+        info["patch_model"] = {"file": os.path.basename(patch_path), "input_shape": patch_shape,
+                               "max_abs_diff": patch_diff}
     with open(sidecar_path(output), "w") as f:
         json.dump(info, f, indent=2)
     if max(diffs) > tolerance:
@@ -355,13 +416,14 @@ class OnnxRuntimeNetwork(nn.Module):
 
     ``input_shape``: the shape the predictor feeds (batch 1, the plans' patch). A session for that shape alone
     folds every shape computation of the graph into constants (LM-Net: 754 nodes -> 402, 12% faster per
-    patch); any other shape goes to a general session, made when first needed."""
+    patch), on the export's patch model where the sidecar names one; any other shape goes to a general session,
+    made when first needed."""
 
     def __init__(self, onnx_path: str, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None):
         super().__init__()
         self.onnx_path, self.threads = onnx_path, threads
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self.session = ort_session(onnx_path, threads, self.input_shape)
+        self.session = ort_session(patch_model_for(onnx_path, input_shape) or onnx_path, threads, self.input_shape)
         self.input_name = self.session.get_inputs()[0].name
         self._general = None if self.input_shape is not None else self.session
 

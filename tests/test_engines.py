@@ -97,3 +97,56 @@ def test_openvino_runs_the_dynamic_model_where_it_cannot_be_made_static(tmp_path
     x = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(network(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_engines_run_the_patch_model_for_the_windows(tmp_path, monkeypatch):
+    """A network with a static export form (LM-Net in 3D) also gets a patch model, exported at the one shape the
+    sliding window feeds; both ONNX engines run it for that shape and the general model for any other, with
+    torch's logits. A later export of a network without one leaves no patch model behind."""
+    pytest.importorskip("onnxruntime")
+    ov = pytest.importorskip("openvino")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk import export
+    from nnunet_lk.engines import engine_predictor
+
+    plans = _stock_3d_plans("plain")
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, True)
+    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net, configuration="3d_fullres")
+    fold = Path(folder) / "fold_0"
+    monkeypatch.setattr(export, "has_static_form", lambda network: True)
+    opened = []
+    ort_session, read_model, compile_model = export.ort_session, ov.Core.read_model, ov.Core.compile_model
+    monkeypatch.setattr(export, "ort_session", lambda path, *a, **k: opened.append(path) or ort_session(path, *a, **k))
+    monkeypatch.setattr(ov.Core, "read_model", lambda self, path, *a: opened.append(path) or read_model(self, path, *a))
+    monkeypatch.setattr(ov.Core, "compile_model", lambda self, model, *a: (
+        opened.append(model) if isinstance(model, str) else None) or compile_model(self, model, *a))
+
+    window = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(1))
+    batch = torch.cat([window, window])
+    with torch.no_grad():
+        net.eval()
+        net.decoder.deep_supervision = False
+        expected = net(window).numpy()
+    for engine in ("onnxruntime", "openvino"):
+        predictor = engine_predictor(str(folder), 0, engine, use_mirroring=False, threads=1, log=lambda m: None)
+        assert opened[-1] == str(fold / "model.patch.onnx"), (engine, opened)
+        with torch.no_grad():
+            for x in (window, batch):  # the window's shape, then another (the general model)
+                difference = np.abs(predictor.network(x).numpy()[:1] - expected).max()
+                assert difference <= 1e-4 * max(1.0, np.abs(expected).max()), f"{engine}: {difference:.2e}"
+        assert opened[-1] == str(fold / "model.onnx"), (engine, opened)
+    sidecar = json.loads((fold / "model.json").read_text())
+    assert sidecar["patch_model"]["file"] == "model.patch.onnx"
+    assert sidecar["patch_model"]["input_shape"] == [1, 1, *PATCH]
+    import onnx
+    graph_input = onnx.load(str(fold / "model.patch.onnx")).graph.input[0]
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [1, 1, *PATCH]  # every size a constant
+
+    monkeypatch.undo()  # stock nnU-Net's network has no static form: a new export removes the old patch model
+    export.export_model_folder(str(folder), 0, str(fold / "model.onnx"), log=lambda m: None)
+    assert not (fold / "model.patch.onnx").exists()
+    assert "patch_model" not in json.loads((fold / "model.json").read_text())
+    assert export.patch_model_for(str(fold / "model.onnx"), [1, 1, *PATCH]) is None

@@ -244,3 +244,24 @@ def test_bad_plans_raise():
                        patch_size=[8, 64])
     with pytest.raises(NetworkConfigError, match="unknown option"):
         build_backbone("lmnet", dim=2, input_channels=1, num_classes=2, filters=[12, 24])
+
+
+@pytest.mark.parametrize("dim,symbolic,sliced", [(2, True, True), (3, False, True), (3, True, False)])
+def test_onnx_export_form_of_the_attention(monkeypatch, dim, symbolic, sliced):
+    """Exported in the sliced form in 2D, and in 3D only at static sizes (the export's patch model): with
+    symbolic sizes the 3D sliced graph is too large for torch's ONNX optimiser, so the reference form stays."""
+    from nnunet_lk.blocks import lmnet
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return sliced_form(*args)
+    sliced_form = lmnet.sliced_neighborhood_attention
+    monkeypatch.setattr(lmnet, "sliced_neighborhood_attention", spy)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # what torch.onnx.export sets
+    na = NeighborhoodAttention(dim, 12, heads=3, kernel=3).eval()
+    assert na.static_export_form == (dim == 3)
+    x = torch.randn(1, *([6] * dim), 12)
+    shapes = ({axis: torch.export.Dim(f"s{axis}", min=4, max=64) for axis in range(1, dim + 1)},) if symbolic else None
+    torch.export.export(na, (x,), dynamic_shapes=shapes)
+    assert bool(calls) == sliced

@@ -166,11 +166,12 @@ class NeighborhoodAttention(LeanForm, nn.Module):
     ``checkpoint``: in training, recompute the attention core in backward instead of storing its
     k^d gathered keys and values and k^d logits and weights per head (only q, k, v are kept).
     Lean form: the streaming core (``blocks.neighborhood``), whose memory does not grow with the window. Exported
-    (ONNX) in 2D: the sliced form, slices, pads and elementwise ops on maps the size of q, no gathers of activations.
-    In 3D the reference form stays: the sliced graph (27 offsets per attention, ~11k nodes with dynamic shapes) kept
-    torch's ONNX optimiser busy for over 20 minutes. CPU inference on large maps runs the sliced form eagerly."""
+    (ONNX) in the sliced form, slices, pads and elementwise ops on maps the size of q, no gathers of activations:
+    in 2D always, in 3D only at static sizes (the export's patch model); with symbolic sizes the 3D sliced graph
+    (27 offsets per attention) kept torch's ONNX optimiser busy for over 20 minutes, so the general 3D model keeps
+    the reference form. CPU inference on large maps runs the sliced form eagerly."""
 
-    export_sliced = True  # False: export the reference form in 2D too (benchmarks compare the two)
+    export_sliced = True  # False: export the reference form everywhere (benchmarks compare the two)
 
     def __init__(self, dim: int, channels: int, heads: int, kernel=3, rel_pos_bias: bool = True,
                  checkpoint: bool = True):
@@ -202,6 +203,16 @@ class NeighborhoodAttention(LeanForm, nn.Module):
         return (not torch.is_grad_enabled() and x.device.type == "cpu"
                 and math.prod(x.shape[1:-1]) >= SLICED_MIN_VOXELS)
 
+    @property
+    def static_export_form(self) -> bool:
+        """An export at static sizes differs from (and runs faster than) one at symbolic sizes."""
+        return self.export_sliced and self.dim == 3
+
+    def _sliced_export(self, spatial) -> bool:
+        """ONNX export in the sliced form: in 2D always; in 3D only at static sizes, where the graph folds to a
+        few hundred nodes per attention (with symbolic sizes torch's ONNX optimiser ran for over 20 minutes)."""
+        return self.export_sliced and (self.dim == 2 or not any(isinstance(s, torch.SymInt) for s in spatial))
+
     def forward(self, x):
         spatial = x.shape[1:-1]
         if len(spatial) != self.dim:
@@ -210,7 +221,7 @@ class NeighborhoodAttention(LeanForm, nn.Module):
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.heads, self.head_dim)
         qkv = qkv.permute(self.dim + 1, 0, self.dim + 2, self.dim + 3, *range(1, self.dim + 1))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, heads, d, *S)
-        if (self.export_sliced and self.dim == 2 and torch.onnx.is_in_onnx_export()) or self._sliced_inference(x):
+        if self._sliced_export(spatial) if torch.onnx.is_in_onnx_export() else self._sliced_inference(x):
             out = sliced_neighborhood_attention(q, k, v, self.kernel, self.rpb)
         elif lean_applies(self, x):
             out = streaming_neighborhood_attention(q, k, v, self.kernel, self.rpb)

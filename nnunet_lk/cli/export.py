@@ -139,7 +139,9 @@ def register(subparsers) -> None:
         "export", help="export a trained fold to ONNX (dynamic batch and spatial axes), checked with onnxruntime",
         description="Build the fold's network as nnUNetv2_predict does (deep supervision off, strict load, eval: "
                     "re-parameterised), export it to ONNX and compare with onnxruntime on the plans' patch size. "
-                    "Writes MODEL.onnx and MODEL.json (patch size, spacing, channels, labels, normalisation).")
+                    "Writes MODEL.onnx and MODEL.json (patch size, spacing, channels, labels, normalisation); for "
+                    "a network with a faster static form (LM-Net in 3D) also MODEL.patch.onnx, the network at the "
+                    "one input shape nnU-Net's sliding window feeds, which the ONNX engines run for it.")
     p.add_argument("results_folder", help="nnU-Net model folder: nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG")
     p.add_argument("-f", "--fold", type=_fold, required=True, help="fold number or 'all'")
     add_checkpoint_flag(p)
