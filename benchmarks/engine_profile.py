@@ -276,7 +276,7 @@ def _summary(per_run: List[Dict[str, float]], wall_ms: float, nodes: int) -> dic
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 def model_files(model: str, fold) -> Dict[str, str]:
-    from nnunet_lk.engines import default_onnx_path
+    from nnunet_lk.export import default_onnx_path
     from nnunet_lk.quantize import int8_path
     return {"fp32": default_onnx_path(model, fold), "int8": int8_path(model, fold)}
 

@@ -96,17 +96,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nnunet_lk import env as lk_env
-    from nnunet_lk.export import OnnxRuntimeNetwork, export_model_folder, fold_folder
+    from nnunet_lk.export import OnnxRuntimeNetwork, fold_export
     lk_env.ensure_environment()
     os.environ["nnUNet_compile"] = "f"
     torch.set_num_threads(args.threads)
 
     def exported(folder, fold, path=None):
-        path = path or os.path.join(fold_folder(folder, fold), "model.onnx")
-        if not os.path.isfile(path):
-            export_model_folder(folder, fold, path, checkpoint_name=args.checkpoint,
-                                log=lambda m: print(m, file=sys.stderr))
-        return path
+        return path or fold_export(folder, fold, args.checkpoint, "the ONNX Runtime engine",
+                                   log=lambda m: print(m, file=sys.stderr))
 
     def onnx_engine(folder, fold, path):
         predictor = _predictor(folder, fold, args.checkpoint, args.mirroring)

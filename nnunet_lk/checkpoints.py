@@ -39,3 +39,14 @@ def read_checkpoint(filename: str) -> dict:
         raise CheckpointError(f"{filename} is not an nnU-Net checkpoint (missing {missing}); give the "
                               f"checkpoint_final.pth of an nnU-Net training. {checkpoint_alternatives(filename)}")
     return checkpoint
+
+
+def checkpoint_stamp(path: str) -> dict:
+    """What identifies a checkpoint file's contents cheaply: size and modification time (and where it was)."""
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def same_checkpoint(a: dict, b: dict) -> bool:
+    """Two stamps name the same checkpoint file contents (wherever the model folder has moved)."""
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}

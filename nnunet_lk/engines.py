@@ -12,7 +12,6 @@ against PyTorch as ``nnunet-lk export`` checks it), and reuses it afterwards."""
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .extras import require_extra
-from .model_folder import fold_folder, nnunet_compile
+from .model_folder import nnunet_compile
 
 ENGINES = ("torch", "compile", "onnxruntime", "openvino")
 ONNX_ENGINES = ("onnxruntime", "openvino")
@@ -76,10 +75,6 @@ class OpenVinoNetwork(nn.Module):
         return torch.from_numpy(out.copy()).to(x.device)
 
 
-def default_onnx_path(results_folder: str, fold) -> str:
-    return os.path.join(fold_folder(results_folder, fold), "model.onnx")
-
-
 def engine_predictor(results_folder: str, fold, engine: str, onnx_path: Optional[str] = None,
                      checkpoint_name: str = "checkpoint_final.pth", use_mirroring: bool = True,
                      tile_step_size: float = 0.5, threads: Optional[int] = None, verbose: bool = False, log=print):
@@ -91,12 +86,9 @@ def engine_predictor(results_folder: str, fold, engine: str, onnx_path: Optional
     if engine in ONNX_ENGINES:
         require_extra(EXTRA_OF[engine], f"nnunet-lk predict --engine {engine}")
         require_extra("export", f"nnunet-lk predict --engine {engine}")
-        from .export import export_model_folder, onnx_predictor
+        from .export import fold_export, onnx_predictor
         if onnx_path is None:
-            onnx_path = default_onnx_path(results_folder, fold)
-            if not os.path.isfile(onnx_path):
-                log(f"exporting fold {fold} of {results_folder} to {onnx_path} (once; later runs reuse it)")
-                export_model_folder(results_folder, fold, onnx_path, checkpoint_name=checkpoint_name, log=log)
+            onnx_path = fold_export(results_folder, fold, checkpoint_name, f"for --engine {engine}", log=log)
         return onnx_predictor(results_folder, onnx_path, fold, checkpoint_name=checkpoint_name,
                               use_mirroring=use_mirroring, tile_step_size=tile_step_size, threads=threads,
                               verbose=verbose, network_class=OpenVinoNetwork if engine == "openvino" else None)

@@ -44,10 +44,13 @@ import torch.nn as nn
 from .blocks.ops import with_axiswise_norms
 from .errors import ExportError
 from .extras import require_extra
-from .checkpoints import read_checkpoint
+from .checkpoints import checkpoint_stamp, read_checkpoint, same_checkpoint
 from .model_folder import LoadedFold, checkpoint_trainer_class, fold_folder, load_fold, nnunet_compile  # noqa: F401  (public here too)
 
 DEFAULT_TOLERANCE = 1e-4
+# Raised whenever the exported graph of some network changes: a fold export cached by the engines and quantize
+# (fold_F/model.onnx) of an older revision is made again. 2: LM-Net's sliced attention and its 3D patch model.
+EXPORT_REVISION = 2
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
@@ -350,6 +353,8 @@ def sidecar(fold: LoadedFold, multiple: Sequence[int], results_folder: str, fold
                        "probabilities": cm.configuration.get("resampling_fn_probabilities")},
         "inference_allowed_mirroring_axes": list(fold.inference_allowed_mirroring_axes)
         if fold.inference_allowed_mirroring_axes is not None else None,
+        "export_revision": EXPORT_REVISION,
+        "checkpoint_stamp": checkpoint_stamp(fold.checkpoint_path),
         "check": {"max_abs_diff": diffs, "tolerance": tolerance},
         "note": "Logits for sliding-window inference: preprocess as nnU-Net does (transpose, normalisation, "
                 "resampling to 'spacing'), run patches of 'patch_size', or use `nnunet-lk predict-onnx`.",
@@ -359,6 +364,39 @@ def sidecar(fold: LoadedFold, multiple: Sequence[int], results_folder: str, fold
 def sidecar_path(onnx_path: str) -> str:
     base = onnx_path[:-5] if onnx_path.endswith(".onnx") else onnx_path
     return base + ".json"
+
+
+def default_onnx_path(results_folder: str, fold) -> str:
+    """Where the engines and quantize keep a fold's export (made on first use)."""
+    return os.path.join(fold_folder(results_folder, fold), "model.onnx")
+
+
+def outdated_export(onnx_path: str, checkpoint_path: str) -> Optional[str]:
+    """Why the export at ``onnx_path`` no longer stands for ``checkpoint_path``, or None. A model without our
+    sidecar (not made by ``export_model_folder``) is taken as it is."""
+    if not os.path.isfile(sidecar_path(onnx_path)):
+        return None
+    with open(sidecar_path(onnx_path)) as f:
+        info = json.load(f)
+    revision = info.get("export_revision", 1)
+    if revision < EXPORT_REVISION:
+        return f"it was made by an older nnunet-lk (export revision {revision}, now {EXPORT_REVISION})"
+    stamp = info.get("checkpoint_stamp")
+    if stamp is None or not os.path.isfile(checkpoint_path) \
+            or not same_checkpoint(stamp, checkpoint_stamp(checkpoint_path)):
+        return f"it was made from another {os.path.basename(checkpoint_path)} than the one there now"
+    return None
+
+
+def fold_export(results_folder: str, fold, checkpoint_name: str, purpose: str, log=print) -> str:
+    """The fold's cached export (``default_onnx_path``), exported first where it is missing or outdated."""
+    path = default_onnx_path(results_folder, fold)
+    checkpoint = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
+    reason = "once; later runs reuse it" if not os.path.isfile(path) else outdated_export(path, checkpoint)
+    if reason is not None:
+        log(f"exporting fold {fold} of {results_folder} to {path} ({purpose}; {reason})")
+        export_model_folder(results_folder, fold, path, checkpoint_name=checkpoint_name, log=log)
+    return path
 
 
 def export_model_folder(results_folder: str, fold, output: str, checkpoint_name: str = "checkpoint_final.pth",

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .checkpoints import checkpoint_stamp, same_checkpoint
 from .errors import UsageError
 from .extras import require_extra
 from .model_folder import fold_folder
@@ -82,16 +83,6 @@ def int8_path(results_folder: str, fold) -> str:
 
 def report_path(onnx_path: str) -> str:
     return onnx_path[:-len(".onnx")] + ".json"
-
-
-def _checkpoint_stamp(path: str) -> dict:
-    stat = os.stat(path)
-    return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _same_checkpoint(a: dict, b: dict) -> bool:
-    """Two stamps name the same checkpoint file contents (wherever the model folder has moved)."""
-    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
 
 
 # ---- calibration data ------------------------------------------------------------------------------------------
@@ -233,8 +224,7 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
     seven_bit = resolve_reduce_range(reduce_range, vnni)
     fold = int(fold)
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from .engines import default_onnx_path
-    from .export import export_model_folder
+    from .export import fold_export
     from .model_folder import load_fold
 
     loaded = load_fold(results_folder, fold, checkpoint_name)
@@ -255,10 +245,8 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
         raise UsageError(f"{raw_folder} lacks the validation case(s) {', '.join(missing[:5])}: point nnUNet_raw at "
                          f"the dataset the fold was trained on")
 
-    fp32 = default_onnx_path(results_folder, fold)
-    if not os.path.isfile(fp32):
-        log(f"exporting fold {fold} to {fp32} first (the fp32 model INT8 is made from and compared with)")
-        export_model_folder(results_folder, fold, fp32, checkpoint_name=checkpoint_name, log=log)
+    fp32 = fold_export(results_folder, fold, checkpoint_name, "the fp32 model INT8 is made from and compared with",
+                       log=log)
     patch_size = [int(p) for p in loaded.configuration_manager.patch_size]
     patches = calibration_patches(data_folder, split["train"], patch_size, n_patches, seed)
     int8 = int8_path(results_folder, fold)
@@ -276,7 +264,7 @@ def quantize_model_folder(results_folder: str, fold, *, checkpoint_name: str = "
     accepted = bool(drop <= max_drop)
     report = {
         "format": SIDECAR_FORMAT, "model": os.path.abspath(int8), "fp32_model": os.path.abspath(fp32),
-        "checkpoint": _checkpoint_stamp(loaded.checkpoint_path), "fold": fold,
+        "checkpoint": checkpoint_stamp(loaded.checkpoint_path), "fold": fold,
         "quantisation": {"runtime": "onnxruntime", "format": "QDQ", "weights": "int8 per channel",
                          "activations": "uint8", "calibration": "min/max", "ops": ops,
                          "reduce_range": seven_bit, "reduce_range_choice": reduce_range, "cpu_vnni": vnni,
@@ -326,9 +314,9 @@ def accepted_int8_model(results_folder: str, fold, checkpoint_name: str = "check
         raise UsageError(f"{path} was not accepted: its foreground Dice dropped by {info['dice_drop']:.4f} against "
                          f"fp32 on the fold's validation cases (limit {info['max_drop']}). Predict in fp32 (no --int8)")
     checkpoint = os.path.join(fold_folder(results_folder, fold), checkpoint_name)
-    if not os.path.isfile(checkpoint) or not _same_checkpoint(_checkpoint_stamp(checkpoint), info["checkpoint"]):
+    if not os.path.isfile(checkpoint) or not same_checkpoint(checkpoint_stamp(checkpoint), info["checkpoint"]):
         raise UsageError(f"{path} was made from another {checkpoint_name} than the one in fold_{fold} now: "
-                         f"delete {os.path.dirname(path)}/model.onnx and run `{make}` again")
+                         f"run `{make}` again (it exports the fold again first)")
     warning = saturation_warning(info, cpu_has_vnni())
     if warning and log is not None:
         log(f"warning: {warning}")

@@ -372,3 +372,43 @@ def test_checkpoint_and_step_flags_follow_nnunet_and_old_spellings_still_work(ca
     args = parser.parse_args(["predict-onnx", "-i", "a", "-o", "b", "-m", "m", "--onnx", "x.onnx", "-f", "0",
                               "--step_size", "1"])
     assert args.step_size == 1.0 and "--step_size is deprecated" in capsys.readouterr().err
+
+
+def test_the_cached_fold_export_is_made_again_only_when_outdated(tmp_path, monkeypatch):
+    """fold_F/model.onnx, which the engines and quantize export on first use, is exported again when the fold's
+    checkpoint has changed (a new training) or an older nnunet-lk made it; otherwise it is reused, and a model
+    without our sidecar is taken as it is."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_lk import export
+    plans = json.loads((Path(__file__).parent / "fixtures" / "hippocampus_plans.json").read_text())
+    plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8]
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
+    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net)
+    model, sidecar = folder / "fold_0" / "model.onnx", folder / "fold_0" / "model.json"
+    logs = []
+    assert export.fold_export(str(folder), 0, "checkpoint_final.pth", "a test", log=logs.append) == str(model)
+    assert "(a test; once; later runs reuse it)" in logs[0] and model.is_file()
+    assert json.loads(sidecar.read_text())["export_revision"] == export.EXPORT_REVISION
+
+    exports = []  # from here on, record what would be exported again
+    monkeypatch.setattr(export, "export_model_folder", lambda *args, **kwargs: exports.append(args))
+
+    def exported_again_because():
+        logs.clear()
+        export.fold_export(str(folder), 0, "checkpoint_final.pth", "a test", log=logs.append)
+        assert len(exports) == len(logs) and all(m.startswith("exporting fold 0") for m in logs)
+        exports.clear()
+        return logs[0] if logs else None
+
+    assert exported_again_because() is None  # reused
+    os.utime(folder / "fold_0" / "checkpoint_final.pth", ns=(0, 0))  # a new training wrote the checkpoint again
+    assert "made from another checkpoint_final.pth than the one there now" in exported_again_because()
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "export_revision": export.EXPORT_REVISION - 1}))
+    assert (f"older nnunet-lk (export revision {export.EXPORT_REVISION - 1}, now {export.EXPORT_REVISION})"
+            in exported_again_because())
+    sidecar.unlink()
+    assert exported_again_because() is None  # not ours to replace

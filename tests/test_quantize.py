@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_lk.checkpoints import checkpoint_stamp
 from nnunet_lk.cli.main import main as cli_main
 from nnunet_lk.errors import UsageError
-from nnunet_lk.quantize import (_checkpoint_stamp, _crop, accepted_int8_model, calibration_patches, cpu_has_vnni,
+from nnunet_lk.quantize import (_crop, accepted_int8_model, calibration_patches, cpu_has_vnni,
                                 fold_split, int8_path, quantize_onnx, report_path, resolve_reduce_range,
                                 saturation_warning)
 
@@ -175,7 +176,7 @@ def _int8_folder(tmp_path, accepted: bool):
     path = int8_path(str(tmp_path / "model"), 0)
     open(path, "wb").write(b"onnx")
     json.dump({"accepted": accepted, "dice_drop": 0.001 if accepted else 0.02, "max_drop": 0.005,
-               "checkpoint": _checkpoint_stamp(str(checkpoint))}, open(report_path(path), "w"))
+               "checkpoint": checkpoint_stamp(str(checkpoint))}, open(report_path(path), "w"))
     return tmp_path / "model", checkpoint, path
 
 
