@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nnunet_lk import env as lk_env
-    from nnunet_lk.export import OnnxRuntimeNetwork, fold_export
+    from nnunet_lk.engines import OnnxRuntimeNetwork
+    from nnunet_lk.export import fold_export
     lk_env.ensure_environment()
     os.environ["nnUNet_compile"] = "f"
     torch.set_num_threads(args.threads)

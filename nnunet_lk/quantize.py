@@ -183,7 +183,7 @@ def validation_dice(results_folder: str, fold: int, onnx_path: str, cases: Seque
     ``compute_metrics``: foreground Dice (mean over classes of the mean over cases, as nnU-Net's summary) and
     each case's foreground Dice."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
-    from .export import onnx_predictor
+    from .engines import onnx_predictor
     predictor = onnx_predictor(results_folder, onnx_path, fold, use_mirroring=use_mirroring, threads=threads)
     ending = predictor.dataset_json["file_ending"]
     os.makedirs(output_folder, exist_ok=True)

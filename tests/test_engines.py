@@ -107,8 +107,7 @@ def test_onnx_engines_run_the_patch_model_for_the_windows(tmp_path, monkeypatch)
     ov = pytest.importorskip("openvino")
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_lk import export
-    from nnunet_lk.engines import engine_predictor
+    from nnunet_lk import engines, export
 
     plans = _stock_3d_plans("plain")
     pm = PlansManager(plans)
@@ -118,8 +117,8 @@ def test_onnx_engines_run_the_patch_model_for_the_windows(tmp_path, monkeypatch)
     fold = Path(folder) / "fold_0"
     monkeypatch.setattr(export, "has_static_form", lambda network: True)
     opened = []
-    ort_session, read_model, compile_model = export.ort_session, ov.Core.read_model, ov.Core.compile_model
-    monkeypatch.setattr(export, "ort_session", lambda path, *a, **k: opened.append(path) or ort_session(path, *a, **k))
+    ort_session, read_model, compile_model = engines.ort_session, ov.Core.read_model, ov.Core.compile_model
+    monkeypatch.setattr(engines, "ort_session", lambda path, *a, **k: opened.append(path) or ort_session(path, *a, **k))
     monkeypatch.setattr(ov.Core, "read_model", lambda self, path, *a: opened.append(path) or read_model(self, path, *a))
     monkeypatch.setattr(ov.Core, "compile_model", lambda self, model, *a: (
         opened.append(model) if isinstance(model, str) else None) or compile_model(self, model, *a))
@@ -131,7 +130,8 @@ def test_onnx_engines_run_the_patch_model_for_the_windows(tmp_path, monkeypatch)
         net.decoder.deep_supervision = False
         expected = net(window).numpy()
     for engine in ("onnxruntime", "openvino"):
-        predictor = engine_predictor(str(folder), 0, engine, use_mirroring=False, threads=1, log=lambda m: None)
+        predictor = engines.engine_predictor(str(folder), 0, engine, use_mirroring=False, threads=1,
+                                             log=lambda m: None)
         assert opened[-1] == str(fold / "model.patch.onnx"), (engine, opened)
         with torch.no_grad():
             for x in (window, batch):  # the window's shape, then another (the general model)

@@ -254,7 +254,7 @@ def test_predict_onnx_matches_nnunetv2_predict(exported, tmp_path):
 
 def test_predict_onnx_refuses_a_model_with_other_channels(exported, tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_lk.export import onnx_predictor
+    from nnunet_lk.engines import onnx_predictor
     from nnunet_lk.training.trainers import nnUNetTrainerDLKUNetS
     plans = fake_plans()
     pm = PlansManager(plans)

@@ -156,7 +156,8 @@ def register(subparsers) -> None:
         description="nnU-Net's own predictor (preprocessing, sliding window, mirroring, resampling, export) with "
                     "the network's forward on the chosen engine, for any nnU-Net model folder (nnunet-lk backbones "
                     "and stock nnU-Net). The ONNX engines export the fold once (fold_F/model.onnx, checked against "
-                    "PyTorch) unless --onnx names a file. Inputs are checked as for predict-onnx.")
+                    "PyTorch; again when the checkpoint changed or an older nnunet-lk exported it) unless --onnx "
+                    "names a file. Inputs are checked as for predict-onnx.")
     p.add_argument("--engine", choices=("torch", "compile", "onnxruntime", "openvino"), default="torch",
                    help="torch: eager (as nnUNetv2_predict -device cpu); compile: torch.compile (inductor); "
                         "onnxruntime (pip extra export); openvino (pip extra openvino). Default torch")
@@ -172,8 +173,9 @@ def register(subparsers) -> None:
         "quantize", help="INT8 for the ONNX engines: calibrated on the fold's training cases, accepted only where "
                          "the validation Dice stays within --max-drop of fp32",
         description="ONNX Runtime static quantisation (QDQ: int8 weights per channel, uint8 activations) of the "
-                    "fold's exported model (fold_F/model.onnx, exported first if missing), calibrated on patches of "
-                    "the fold's preprocessed training cases (nnUNet_preprocessed, splits_final.json). nnU-Net's "
+                    "fold's exported model (fold_F/model.onnx, exported first if missing or outdated), calibrated "
+                    "on patches of the fold's preprocessed training cases (nnUNet_preprocessed, splits_final.json). "
+                    "nnU-Net's "
                     "predictor then runs fp32 and INT8 on the fold's validation cases (nnUNet_raw) and nnU-Net's "
                     "metrics score both. Writes fold_F/model.int8.onnx and model.int8.json; exit status 0 when "
                     "accepted (foreground Dice drop <= --max-drop), 1 otherwise (predict --int8 then refuses it).")
