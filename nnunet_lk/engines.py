@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .checkpoints import read_checkpoint
 from .errors import ExportError
-from .export import ort_session, patch_model_for
+from .export import fold_export, ort_session, patch_model_for
 from .extras import require_extra
 from .model_folder import checkpoint_trainer_class, fold_folder, nnunet_compile
 
@@ -170,7 +170,6 @@ def engine_predictor(results_folder: str, fold, engine: str, onnx_path: Optional
     if engine in ONNX_ENGINES:
         require_extra(EXTRA_OF[engine], f"nnunet-lk predict --engine {engine}")
         require_extra("export", f"nnunet-lk predict --engine {engine}")
-        from .export import fold_export
         if onnx_path is None:
             onnx_path = fold_export(results_folder, fold, checkpoint_name, f"for --engine {engine}", log=log)
         return onnx_predictor(results_folder, onnx_path, fold, checkpoint_name=checkpoint_name,
