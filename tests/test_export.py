@@ -337,9 +337,8 @@ def test_one_ctrl_c_ends_predict_onnx_with_no_worker_left(exported, tmp_path):
 
 
 # ---- stock nnU-Net (slow) ----------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_stock_nnunet_model_exports(tmp_path, capsys):
+def _stock_2d_model_folder(tmp_path):
+    """A model folder of stock nnU-Net's own 2D network (PlainConvUNet) on the Hippocampus plans, narrowed."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans = json.loads((Path(__file__).parent / "fixtures" / "hippocampus_plans.json").read_text())
@@ -347,7 +346,13 @@ def test_stock_nnunet_model_exports(tmp_path, capsys):
     pm = PlansManager(plans)
     torch.manual_seed(0)
     net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
-    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net)
+    return make_model_folder(tmp_path, "nnUNetTrainer", plans, net)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stock_nnunet_model_exports(tmp_path, capsys):
+    folder = _stock_2d_model_folder(tmp_path)
     out = tmp_path / "stock.onnx"
     assert cli_main(["export", str(folder), "-f", "0", "-o", str(out)]) == 0
     assert "max abs difference" in capsys.readouterr().out
@@ -378,15 +383,8 @@ def test_the_cached_fold_export_is_made_again_only_when_outdated(tmp_path, monke
     """fold_F/model.onnx, which the engines and quantize export on first use, is exported again when the fold's
     checkpoint has changed (a new training) or an older nnunet-lk made it; otherwise it is reused, and a model
     without our sidecar is taken as it is."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_lk import export
-    plans = json.loads((Path(__file__).parent / "fixtures" / "hippocampus_plans.json").read_text())
-    plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8]
-    pm = PlansManager(plans)
-    torch.manual_seed(0)
-    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
-    folder = make_model_folder(tmp_path, "nnUNetTrainer", plans, net)
+    folder = _stock_2d_model_folder(tmp_path)
     model, sidecar = folder / "fold_0" / "model.onnx", folder / "fold_0" / "model.json"
     logs = []
     assert export.fold_export(str(folder), 0, "checkpoint_final.pth", "a test", log=logs.append) == str(model)

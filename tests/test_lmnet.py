@@ -113,15 +113,21 @@ def test_neighbourhood_attention_matches_naive_loop(spatial, kernel, rpb):
     torch.testing.assert_close(na(x), naive_neighbourhood_attention(na, x), rtol=1e-10, atol=1e-10)
 
 
-def test_cpu_inference_on_large_maps_runs_the_sliced_form(monkeypatch):
+def _spy_on_the_sliced_form(monkeypatch) -> list:
+    """The shapes of q in every call of LM-Net's sliced attention form from here on."""
     from nnunet_lk.blocks import lmnet
-    calls = []
+    calls, sliced = [], lmnet.sliced_neighborhood_attention
 
     def spy(*args):
         calls.append(args[0].shape)
         return sliced(*args)
-    sliced = lmnet.sliced_neighborhood_attention
     monkeypatch.setattr(lmnet, "sliced_neighborhood_attention", spy)
+    return calls
+
+
+def test_cpu_inference_on_large_maps_runs_the_sliced_form(monkeypatch):
+    from nnunet_lk.blocks import lmnet
+    calls = _spy_on_the_sliced_form(monkeypatch)
     torch.manual_seed(0)
     na = NeighborhoodAttention(3, 12, heads=3, kernel=3).double().eval()
     x = torch.randn(1, 3, 4, 5, 12, dtype=torch.float64)
@@ -250,14 +256,7 @@ def test_bad_plans_raise():
 def test_onnx_export_form_of_the_attention(monkeypatch, dim, symbolic, sliced):
     """Exported in the sliced form in 2D, and in 3D only at static sizes (the export's patch model): with
     symbolic sizes the 3D sliced graph is too large for torch's ONNX optimiser, so the reference form stays."""
-    from nnunet_lk.blocks import lmnet
-    calls = []
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return sliced_form(*args)
-    sliced_form = lmnet.sliced_neighborhood_attention
-    monkeypatch.setattr(lmnet, "sliced_neighborhood_attention", spy)
+    calls = _spy_on_the_sliced_form(monkeypatch)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # what torch.onnx.export sets
     na = NeighborhoodAttention(dim, 12, heads=3, kernel=3).eval()
     assert na.static_export_form == (dim == 3)
